@@ -1,0 +1,4 @@
+"""KV caches."""
+from fachat.cache.kv_cache import ConcatKVCache, InPlaceKVCache
+
+__all__ = ["InPlaceKVCache", "ConcatKVCache"]

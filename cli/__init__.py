@@ -1,0 +1,1 @@
+"""The fa-chat command line."""

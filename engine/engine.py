@@ -1,0 +1,151 @@
+"""Engine: loads a model once, then generates, streams and scores."""
+from __future__ import annotations
+
+import os
+from typing import Any, Sequence
+
+import torch
+
+from fachat.cache import InPlaceKVCache
+from fachat.engine.generate import Generation, TextStream, generate_step, prefill
+from fachat.engine.sampling import Sampler, SamplingParams
+from fachat.errors import ContextLengthError
+from fachat.kernels.dispatch import BACKENDS, select_backend
+from fachat.models.loaders import LoadedModel, load_model
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
+          "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
+          "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+
+
+def resolve_device(device: str | torch.device) -> torch.device:
+    if device == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"device must be 'auto', 'cpu', 'cuda[:N]' or 'mps', got {device!r}") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} requested but CUDA is not available")
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"device {device!r} requested but MPS is not available")
+    if dev.type not in ("cpu", "cuda", "mps"):
+        raise ValueError(f"device must be 'auto', 'cpu', 'cuda[:N]' or 'mps', got {device!r}")
+    return dev
+
+
+def resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype:
+    """'auto' is float32 on CPU (the exact reference path), bfloat16 on CUDA where supported, else float16."""
+    if isinstance(dtype, torch.dtype) and dtype in DTYPES.values():
+        return dtype
+    if dtype == "auto":
+        if device.type == "cpu":
+            return torch.float32
+        if device.type == "cuda" and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        return torch.float16
+    if isinstance(dtype, str) and dtype in DTYPES:
+        return DTYPES[dtype]
+    raise ValueError(f"dtype must be 'auto', 'float32', 'float16' or 'bfloat16', got {dtype!r}")
+
+
+class Engine:
+    def __init__(self, loaded: LoadedModel, device: torch.device, dtype: torch.dtype, max_seq_len: int | None):
+        self.model = loaded.model
+        self.tokenizer = loaded.tokenizer
+        self.args = loaded.args
+        self.source = loaded.source
+        self.device, self.dtype = device, dtype
+        # An explicit max_seq_len presets the cache capacity: no growth, memory known up front.
+        self.preset_capacity = max_seq_len is not None
+        self.max_seq_len = max_seq_len if max_seq_len is not None else self.args.max_position_embeddings
+        self.attention_backend = select_backend(device, dtype, self.args.head_dim)
+        self.model.attn = BACKENDS[self.attention_backend]
+
+    @classmethod
+    def load(cls, model: str | os.PathLike | None = None, device: str | torch.device = "auto",
+             dtype: str | torch.dtype = "auto", max_seq_len: int | None = None) -> "Engine":
+        """model: a local folder, a .gguf file or a hub id; None means the embedded SmolLM2-135M-Instruct."""
+        if max_seq_len is not None and (isinstance(max_seq_len, bool) or not isinstance(max_seq_len, int)
+                                        or max_seq_len < 2):
+            raise ValueError(f"max_seq_len must be an int >= 2, got {max_seq_len!r}")
+        dev = resolve_device(device)
+        dt = resolve_dtype(dtype, dev)
+        return cls(load_model(model, dev, dt), dev, dt, max_seq_len)
+
+    def new_cache(self) -> InPlaceKVCache:
+        a = self.args
+        return InPlaceKVCache(a.num_hidden_layers, a.num_key_value_heads, a.head_dim, dtype=self.dtype,
+                              device=self.device, max_seq_len=self.max_seq_len,
+                              capacity=self.max_seq_len if self.preset_capacity else None)
+
+    def encode_prompt(self, prompt: str | Sequence[dict[str, Any]] | Sequence[int]) -> list[int]:
+        """A str is raw text (the tokenizer adds bos if it should), a list of messages goes through
+        the chat template, a list of ints is used as token ids."""
+        if isinstance(prompt, str):
+            ids = self.tokenizer.encode(prompt, add_special_tokens=True)
+        elif isinstance(prompt, (list, tuple)) and prompt and all(isinstance(m, dict) for m in prompt):
+            ids = self.tokenizer.apply_chat_template(list(prompt), add_generation_prompt=True)
+        elif isinstance(prompt, (list, tuple, torch.Tensor)):
+            ids = self.check_token_ids(prompt)
+        else:
+            raise ValueError(f"prompt must be a str, a list of chat messages or a list of token ids, "
+                             f"got {type(prompt).__name__}")
+        if not ids:
+            raise ValueError("prompt is empty")
+        return ids
+
+    def check_token_ids(self, ids) -> list[int]:
+        ids = ids.tolist() if isinstance(ids, torch.Tensor) else list(ids)
+        vocab = self.args.vocab_size
+        bad = [t for t in ids if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab]
+        if bad:
+            raise ValueError(f"token ids must be ints in [0, {vocab}), got {bad[0]!r}")
+        return ids
+
+    def stream(self, prompt, max_new_tokens: int = 256, temperature: float = 0.7, top_k: int = 0,
+               top_p: float = 1.0, min_p: float = 0.0, repetition_penalty: float = 1.0, seed: int | None = None,
+               stop: str | Sequence[str] | None = None) -> TextStream:
+        """Yields text pieces as they decode; the returned stream's `.generation` holds the result at the end."""
+        params = SamplingParams(temperature, top_k, top_p, min_p, repetition_penalty, seed)
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
+        stops = _check_stop(stop)
+        ids = self.encode_prompt(prompt)
+        if len(ids) >= self.max_seq_len:
+            raise ContextLengthError(
+                f"prompt is {len(ids)} tokens but max_seq_len is {self.max_seq_len}; "
+                "shorten it or load with a larger max_seq_len")
+        # The context bounds the new tokens: prompt + new <= max_seq_len.
+        budget = min(max_new_tokens, self.max_seq_len - len(ids))
+        sampler = Sampler(params, self.args.vocab_size, self.device)
+        steps = generate_step(self.model, self.new_cache(), ids, sampler)
+        return TextStream(steps, self.tokenizer, len(ids), budget, stops)
+
+    def generate(self, prompt, max_new_tokens: int = 256, temperature: float = 0.7, top_k: int = 0,
+                 top_p: float = 1.0, min_p: float = 0.0, repetition_penalty: float = 1.0, seed: int | None = None,
+                 stop: str | Sequence[str] | None = None) -> Generation:
+        stream = self.stream(prompt, max_new_tokens, temperature, top_k, top_p, min_p, repetition_penalty, seed, stop)
+        for _ in stream:
+            pass
+        return stream.generation
+
+    def score(self, token_ids) -> torch.Tensor:
+        """Teacher-forced logits at every position, float32 [len, vocab]."""
+        ids = self.check_token_ids(token_ids)
+        if not ids:
+            raise ValueError("token_ids is empty")
+        if len(ids) > self.max_seq_len:
+            raise ContextLengthError(f"{len(ids)} tokens exceed max_seq_len={self.max_seq_len}")
+        return prefill(self.model, self.new_cache(), ids, all_logits=True)
+
+
+def _check_stop(stop) -> list[str]:
+    stops = [stop] if isinstance(stop, str) else list(stop or [])
+    if not all(isinstance(s, str) and s for s in stops):
+        raise ValueError(f"stop must be a non-empty str or a list of non-empty str, got {stop!r}")
+    return stops

@@ -1,0 +1,126 @@
+"""Generation in layers: token steps, then a text stream with stop strings, then a finished Generation."""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Iterator
+
+import torch
+
+from fachat.cache import InPlaceKVCache
+from fachat.engine.sampling import Sampler
+from fachat.models.tokenizer import Tokenizer
+
+PREFILL_CHUNK = 512  # long prompts run in chunks, bounding attention's temporary memory
+
+
+@dataclass
+class GenerationStats:
+    prompt_tokens: int = 0
+    new_tokens: int = 0
+    time_to_first_token: float = 0.0  # seconds, prefill included
+    prefill_tokens_per_s: float = 0.0
+    decode_tokens_per_s: float = 0.0
+
+
+@dataclass
+class Generation:
+    text: str = ""
+    tokens: list[int] = field(default_factory=list)  # new tokens only; an ending eos is left out
+    finish_reason: str | None = None  # "stop" (eos or a stop string) or "length"
+    stats: GenerationStats = field(default_factory=GenerationStats)
+
+
+def prefill(model, cache: InPlaceKVCache, ids: list[int], all_logits: bool = False) -> torch.Tensor:
+    """Runs ids after the cache's current length in chunks; returns the last position's logits [vocab],
+    or every position's [len(ids), vocab] with all_logits."""
+    device = model.lm_head.weight.device
+    outputs = []
+    for i in range(0, len(ids), PREFILL_CHUNK):
+        chunk = torch.tensor([ids[i:i + PREFILL_CHUNK]], dtype=torch.long, device=device)
+        outputs.append(model(chunk, cache, all_logits=all_logits)[0])
+    return torch.cat(outputs) if all_logits else outputs[-1]
+
+
+def generate_step(model, cache: InPlaceKVCache, prompt_ids: list[int], sampler: Sampler) -> Iterator[int]:
+    """Yields sampled tokens forever. A yielded token is fed to the model only when the next one is asked for."""
+    sampler.observe(prompt_ids)
+    logits = prefill(model, cache, prompt_ids)
+    device = logits.device
+    while True:
+        token = sampler(logits)
+        yield token
+        logits = model(torch.tensor([[token]], device=device), cache)[0]
+
+
+class TextStream:
+    """Iterates over text pieces as they decode; `generation` holds the result once iteration ends.
+
+    Text that could be the start of a stop string is held back until it is known not to be.
+    """
+
+    def __init__(self, steps: Iterator[int], tokenizer: Tokenizer, prompt_tokens: int, max_new_tokens: int,
+                 stop: list[str]):
+        self._steps = steps
+        self._tokenizer = tokenizer
+        self._max_new_tokens = max_new_tokens
+        self._stop = stop
+        self.generation = Generation(stats=GenerationStats(prompt_tokens=prompt_tokens))
+        self._pieces = self._run()
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> str:
+        return next(self._pieces)
+
+    def _run(self) -> Iterator[str]:
+        gen, stats = self.generation, self.generation.stats
+        detok = self._tokenizer.detokenizer()
+        eos = set(self._tokenizer.eos_token_ids)
+        text, emitted = "", 0
+        start = time.perf_counter()
+        first = last = start
+        step, cut = 0, None
+        try:
+            for step, token in enumerate(self._steps):
+                last = time.perf_counter()
+                if step == 0:
+                    first = last
+                if token in eos:
+                    gen.finish_reason = "stop"
+                    break
+                gen.tokens.append(token)
+                text += detok.add(token)
+                cut = self._stop_index(text, emitted)
+                if cut is not None:
+                    text, gen.finish_reason = text[:cut], "stop"
+                    break
+                end = len(text) - self._held_back(text)
+                if end > emitted:
+                    yield text[emitted:end]
+                    emitted = end
+                if len(gen.tokens) >= self._max_new_tokens:
+                    gen.finish_reason = "length"
+                    break
+            if cut is None:
+                text += detok.flush()  # a trailing partial character, if any
+            if len(text) > emitted:
+                yield text[emitted:]
+        finally:
+            self._steps.close()
+            gen.text = text
+            stats.new_tokens = len(gen.tokens)
+            stats.time_to_first_token = first - start
+            if first > start:
+                stats.prefill_tokens_per_s = stats.prompt_tokens / (first - start)
+            if last > first:
+                stats.decode_tokens_per_s = step / (last - first)
+
+    def _stop_index(self, text: str, emitted: int) -> int | None:
+        hits = [i for s in self._stop if (i := text.find(s, emitted)) >= 0]
+        return min(hits) if hits else None
+
+    def _held_back(self, text: str) -> int:
+        """Length of the longest tail of text that is a proper prefix of a stop string."""
+        return max((k for s in self._stop for k in range(len(s) - 1, 0, -1) if text.endswith(s[:k])), default=0)

@@ -1,0 +1,84 @@
+"""Sampling parameters, their validation, and a seeded sampler that never touches the global RNG."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+
+def _number(name: str, value, *, low: float, high: float = math.inf, low_open: bool = False, integer: bool = False):
+    kind = int if integer else (int, float)
+    if isinstance(value, bool) or not isinstance(value, kind) or not math.isfinite(value):
+        raise ValueError(f"{name} must be {'an int' if integer else 'a number'}, got {value!r}")
+    if value < low or (low_open and value == low) or value > high:
+        lo = "(" if low_open else "["
+        hi = "]" if high != math.inf else ")"
+        raise ValueError(f"{name} must be in {lo}{low}, {high}{hi}, got {value!r}")
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """transformers' generate names; temperature 0 means greedy."""
+    temperature: float = 0.7
+    top_k: int = 0
+    top_p: float = 1.0
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    seed: int | None = None
+
+    def __post_init__(self):
+        _number("temperature", self.temperature, low=0.0)
+        _number("top_k", self.top_k, low=0, integer=True)
+        _number("top_p", self.top_p, low=0.0, high=1.0, low_open=True)
+        _number("min_p", self.min_p, low=0.0, high=1.0)
+        _number("repetition_penalty", self.repetition_penalty, low=0.0, low_open=True)
+        if self.seed is not None:
+            _number("seed", self.seed, low=0, high=2**63 - 1, integer=True)
+
+
+class Sampler:
+    """Turns last-position logits into a token: repetition penalty, then temperature, top-k, top-p, min-p."""
+
+    def __init__(self, params: SamplingParams, vocab_size: int, device: torch.device):
+        self.params = params
+        self.generator = torch.Generator(device=device)
+        if params.seed is None:
+            self.generator.seed()  # fresh entropy; the default seed would be a constant
+        else:
+            self.generator.manual_seed(params.seed)
+        self.seen = torch.zeros(vocab_size, dtype=torch.bool, device=device)
+
+    def observe(self, token_ids) -> None:
+        """Marks tokens (prompt and generated) for the repetition penalty."""
+        self.seen[torch.as_tensor(token_ids, dtype=torch.long, device=self.seen.device)] = True
+
+    def __call__(self, logits: torch.Tensor) -> int:
+        p = self.params
+        logits = logits[: self.seen.shape[0]].float()
+        if p.repetition_penalty != 1.0:
+            penalised = torch.where(logits < 0, logits * p.repetition_penalty, logits / p.repetition_penalty)
+            logits = torch.where(self.seen, penalised, logits)
+        if p.temperature == 0:
+            token = int(logits.argmax())
+        else:
+            token = int(torch.multinomial(self.probabilities(logits), 1, generator=self.generator))
+        self.seen[token] = True
+        return token
+
+    def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
+        """The distribution sampled from, after temperature and the top-k / top-p / min-p filters."""
+        p = self.params
+        logits = logits / p.temperature
+        if 0 < p.top_k < logits.shape[-1]:
+            kth = torch.topk(logits, p.top_k).values[-1]
+            logits = logits.masked_fill(logits < kth, -math.inf)
+        if p.top_p < 1.0:
+            sorted_logits, order = torch.sort(logits, descending=True)
+            cumulative = torch.softmax(sorted_logits, -1).cumsum(-1)
+            drop = cumulative - torch.softmax(sorted_logits, -1) >= p.top_p  # mass before this token already covers top_p
+            logits = logits.masked_fill(torch.zeros_like(drop).scatter(0, order, drop), -math.inf)
+        if p.min_p > 0.0:
+            probs = torch.softmax(logits, -1)
+            logits = logits.masked_fill(probs < p.min_p * probs.max(), -math.inf)
+        return torch.softmax(logits, -1)

@@ -1,0 +1,83 @@
+"""The fa-chat command, run as a real process."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from fachat import Engine
+from tiny import make_tiny_model
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("cli") / "tiny"
+    make_tiny_model(path, "llama")
+    return path
+
+
+def fa_chat(*args, stdin: str = "", timeout: float = 120):
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    return subprocess.run([sys.executable, "-m", "fachat.cli.main", *args], input=stdin, capture_output=True,
+                          text=True, timeout=timeout, env=env)
+
+
+def test_one_shot_prompt_streams_the_engine_answer(tiny_dir):
+    seed = int.from_bytes(os.urandom(4), "little")
+    args = ["--model", str(tiny_dir), "--max-tokens", "12", "--temperature", "1.0", "--seed", str(seed)]
+    result = fa_chat(*args, "--prompt", "Tell me a story")
+    assert result.returncode == 0, result.stderr
+    expected = Engine.load(tiny_dir, device="cpu").generate(
+        [{"role": "user", "content": "Tell me a story"}], max_new_tokens=12, temperature=1.0, seed=seed)
+    assert result.stdout == expected.text + "\n"
+
+
+def test_prompt_dash_reads_stdin_and_verbose_prints_stats(tiny_dir):
+    result = fa_chat("--model", str(tiny_dir), "--prompt", "-", "--max-tokens", "5", "--temperature", "0",
+                     "--verbose", stdin="from standard input")
+    assert result.returncode == 0, result.stderr
+    expected = Engine.load(tiny_dir, device="cpu").generate(
+        [{"role": "user", "content": "from standard input"}], max_new_tokens=5, temperature=0)
+    assert result.stdout == expected.text + "\n"
+    assert "attention backend: reference" in result.stderr
+    assert "decode" in result.stderr and "tok/s" in result.stderr
+
+
+def test_repl_turns_help_and_quit(tiny_dir):
+    result = fa_chat("--model", str(tiny_dir), "--max-tokens", "4", "--temperature", "0",
+                     stdin="hello\n/help\n/nonsense\n/reset\nagain\n/quit\nnever read\n")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.count(">>> ") == 6  # five inputs, then /quit; "never read" is not
+    assert "/reset" in result.stdout and "unknown command /nonsense" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--model", "/no/such/model"], "no such file or directory"),
+    (["--temperature", "-1"], "temperature"),
+    (["--top-p", "0"], "top_p"),
+    (["--dtype", "int8"], "dtype"),
+    (["--device", "tpu"], "device"),
+])
+def test_user_errors_exit_cleanly_without_traceback(tiny_dir, args, message):
+    full = ["--model", str(tiny_dir), "--prompt", "hi", *args]
+    result = fa_chat(*full)
+    assert result.returncode == 2
+    assert message in result.stderr and "fa-chat: error:" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_prompt_longer_than_max_seq_len_is_a_clean_error(tiny_dir):
+    result = fa_chat("--model", str(tiny_dir), "--prompt", "word " * 200, "--max-seq-len", "16")
+    assert result.returncode == 2
+    assert "max_seq_len" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_repl_survives_a_user_error(tiny_dir):
+    result = fa_chat("--model", str(tiny_dir), "--max-seq-len", "16", "--max-tokens", "2",
+                     stdin="word " * 50 + "\nhi\n")
+    assert result.returncode == 0
+    assert "error:" in result.stderr and "max_seq_len" in result.stderr
+    assert "Traceback" not in result.stderr
