@@ -145,7 +145,7 @@ class Engine:
 
 
 def _check_stop(stop) -> list[str]:
-    stops = [stop] if isinstance(stop, str) else list(stop or [])
-    if not all(isinstance(s, str) and s for s in stops):
+    stops = [] if stop is None else [stop] if isinstance(stop, str) else stop
+    if not isinstance(stops, (list, tuple)) or not all(isinstance(s, str) and s for s in stops):
         raise ValueError(f"stop must be a non-empty str or a list of non-empty str, got {stop!r}")
-    return stops
+    return list(stops)

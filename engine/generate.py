@@ -91,11 +91,15 @@ class TextStream:
                     gen.finish_reason = "stop"
                     break
                 gen.tokens.append(token)
-                text += detok.add(token)
-                cut = self._stop_index(text, emitted)
-                if cut is not None:
-                    text, gen.finish_reason = text[:cut], "stop"
-                    break
+                piece = detok.add(token)
+                text += piece
+                if self._stop:
+                    # A stop string can end inside text held back for an incomplete character.
+                    visible = text if piece else text + detok.pending()
+                    cut = self._stop_index(visible, emitted)
+                    if cut is not None:
+                        text, gen.finish_reason = visible[:cut], "stop"
+                        break
                 end = len(text) - self._held_back(text)
                 if end > emitted:
                     yield text[emitted:end]

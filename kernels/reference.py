@@ -34,6 +34,12 @@ def _lengths(kv_len, batch: int, device) -> torch.Tensor:
     return kv_len.to(device=device, dtype=torch.long)
 
 
+def _zero_past_rows(x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """Zeroes K or V past each row's length: stale NaN there survives masking (0 * NaN, NaN - inf)."""
+    past = torch.arange(x.shape[2], device=x.device)[None, :] >= lengths[:, None]
+    return x.masked_fill(past[:, None, :, None], 0)
+
+
 def _scores(q: torch.Tensor, k: torch.Tensor, scale: float, softcap: float | None) -> torch.Tensor:
     s = torch.matmul(q, k.transpose(-1, -2)) * scale
     if softcap is not None:
@@ -51,6 +57,8 @@ def decode_attention(q, k_cache, v_cache, kv_len, *, scale=None, window=None, so
     scale = 1.0 / math.sqrt(D) if scale is None else scale
     k = k_cache[:, :, :T].float()
     v = v_cache[:, :, :T].float()
+    if not isinstance(kv_len, int):
+        v = _zero_past_rows(v, lengths)
     qg = q.float().view(B, Hkv, Hq // Hkv, D)  # query heads grouped by the KV head they read
 
     s = _scores(qg, k, scale, softcap)  # [B, Hkv, G, T]
@@ -90,6 +98,8 @@ def prefill_attention(q, k_cache, v_cache, kv_len, *, scale=None, window=None, s
     T = int(kv_len) if isinstance(kv_len, int) else int(lengths.max())
     scale = 1.0 / math.sqrt(D) if scale is None else scale
     k, v = k_cache[:, :, :T], v_cache[:, :, :T]
+    if not isinstance(kv_len, int):
+        k, v = _zero_past_rows(k, lengths), _zero_past_rows(v, lengths)
     qg = q.reshape(B, Hkv, G * Lq, D)  # [B, Hkv, (G, Lq), D]
     mask = key_mask(lengths, Lq, T, window)[:, None, None].expand(B, 1, G, Lq, T).reshape(B, 1, G * Lq, T)
     if softcap is None:

@@ -154,7 +154,10 @@ def build_model(args: ModelArgs, tensors: Iterator[tuple[str, torch.Tensor]], de
     if args.tie_word_embeddings:
         expected.pop("lm_head.weight")
     state: dict[str, torch.Tensor] = {}
-    filled: dict[str, int] = {}  # fused parameter -> shards seen
+    unseen = set(expected)  # checkpoint names still to come; fused weights are listed by their shards
+    for fused in [n for n in expected if _fused_parts(model, n)]:
+        unseen.remove(fused)
+        unseen.update(_fused_parts(model, fused))
     for name, tensor in tqdm(tensors, desc="Loading weights", unit=" tensors", delay=2.0, leave=False):
         target, shard = _packed_target(model, name)
         if target not in expected:
@@ -162,29 +165,29 @@ def build_model(args: ModelArgs, tensors: Iterator[tuple[str, torch.Tensor]], de
                 continue
             raise CorruptModelError(f"{source}: unexpected tensor {name!r} for {args.architecture}")
         param = expected[target]
+        sizes = model.get_submodule(target.rsplit(".", 1)[0]).output_sizes if shard is not None else None
+        shape = tuple(param.shape) if shard is None else (sizes[shard], *param.shape[1:])
+        if tuple(tensor.shape) != shape:
+            raise CorruptModelError(f"{source}: {name} has shape {tuple(tensor.shape)}, expected {shape}")
+        unseen.discard(name)
         if shard is None:
-            if tuple(tensor.shape) != tuple(param.shape):
-                raise CorruptModelError(f"{source}: {name} has shape {tuple(tensor.shape)}, expected {tuple(param.shape)}")
             state[target] = tensor.to(device=device, dtype=dtype)
             continue
-        module = model.get_submodule(target.rsplit(".", 1)[0])
-        sizes = module.output_sizes
-        rows = sizes[shard]
-        if tuple(tensor.shape) != (rows, *param.shape[1:]):
-            raise CorruptModelError(
-                f"{source}: {name} has shape {tuple(tensor.shape)}, expected {(rows, *param.shape[1:])}")
         if target not in state:
             state[target] = torch.empty(param.shape, device=device, dtype=dtype)
-        state[target][sum(sizes[:shard]): sum(sizes[:shard]) + rows].copy_(tensor)
-        filled[target] = filled.get(target, 0) + 1
-    missing = [n for n in expected if n not in state]
-    missing += [n for n, count in filled.items() if count != len(model.get_submodule(n.rsplit(".", 1)[0]).output_sizes)]
-    if missing:
-        raise CorruptModelError(f"{source}: missing tensors {', '.join(sorted(missing)[:5])}"
-                                f"{' ...' if len(missing) > 5 else ''}")
+        state[target][sum(sizes[:shard]): sum(sizes[:shard + 1])].copy_(tensor)
+    if unseen:
+        missing = sorted(unseen)
+        raise CorruptModelError(f"{source}: missing tensors {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}")
     model.load_state_dict(state, strict=False, assign=True)
     model.tie_weights()
     return model.to(device).eval()
+
+
+def _fused_parts(model: LlamaForCausalLM, name: str) -> list[str]:
+    """Checkpoint names whose shards make up the fused parameter `name` ([] if it is not fused)."""
+    return [name.replace(f".{fused}.", f".{proj}.") for proj, (fused, _) in model.packed_modules.items()
+            if f".{fused}." in name]
 
 
 def _packed_target(model: LlamaForCausalLM, name: str) -> tuple[str, int | None]:

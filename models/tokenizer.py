@@ -143,6 +143,12 @@ class IncrementalDetokenizer:
         self.prefix_offset, self.read_offset = self.read_offset, len(self.tokens)
         return full[len(prefix):]
 
+    def pending(self) -> str:
+        """Text decoded but held back by `add`, without a trailing incomplete character."""
+        prefix = self.tokenizer.decode(self.tokens[self.prefix_offset:self.read_offset])
+        full = self.tokenizer.decode(self.tokens[self.prefix_offset:])
+        return full[len(prefix):].rstrip("\ufffd")
+
     def flush(self) -> str:
         """Whatever is still held back (a trailing partial character decodes as U+FFFD)."""
         prefix = self.tokenizer.decode(self.tokens[self.prefix_offset:self.read_offset])
