@@ -57,13 +57,14 @@ def decode_attention(q, k_cache, v_cache, kv_len, *, scale=None, window=None, so
     scale = 1.0 / math.sqrt(D) if scale is None else scale
     k = k_cache[:, :, :T].float()
     v = v_cache[:, :, :T].float()
-    if not isinstance(kv_len, int):
-        v = _zero_past_rows(v, lengths)
-    qg = q.float().view(B, Hkv, Hq // Hkv, D)  # query heads grouped by the KV head they read
+    qg = (q.float() * scale).view(B, Hkv, Hq // Hkv, D)  # query heads grouped by the KV head they read
 
-    s = _scores(qg, k, scale, softcap)  # [B, Hkv, G, T]
-    if window is not None or not isinstance(kv_len, int):
+    s = _scores(qg, k, 1.0, softcap)  # [B, Hkv, G, T]
+    masked = window is not None or not isinstance(kv_len, int)
+    if masked:
         s = s.masked_fill(~key_mask(lengths, 1, T, window)[:, None], float("-inf"))
+        if not isinstance(kv_len, int):
+            v = _zero_past_rows(v, lengths)
 
     # Full partitions are views of the live prefix; a shorter tail partition follows.
     n_full, P = T // partition_size, partition_size
@@ -75,17 +76,20 @@ def decode_attention(q, k_cache, v_cache, kv_len, *, scale=None, window=None, so
     m_parts, l_parts, o_parts = [], [], []
     for sp, vp in parts:  # sp [B, Hkv, G, n, p], vp [B, Hkv, n, p, D]
         m = sp.amax(-1)
-        m_safe = torch.where(torch.isfinite(m), m, torch.zeros_like(m))  # fully masked partition
-        p = torch.exp(sp - m_safe[..., None])
+        if masked:  # a fully masked partition has max -inf: shift by 0 so that it gives p = 0, not NaN
+            p = torch.exp(sp - torch.where(torch.isfinite(m), m, torch.zeros_like(m))[..., None])
+        else:
+            p = torch.exp(sp - m[..., None])
         m_parts.append(m)
         l_parts.append(p.sum(-1))
-        o_parts.append(torch.einsum("bhgnp,bhnpd->bhgnd", p, vp))
+        o_parts.append(torch.matmul(p.transpose(2, 3), vp).transpose(2, 3))  # [B, Hkv, G, n, D]
 
-    # Reduce: rescale each partition by exp(m_i - m) and normalise by the rescaled sums.
-    m_all, l_all, o_all = torch.cat(m_parts, -1), torch.cat(l_parts, -1), torch.cat(o_parts, -2)
-    m_max = m_all.amax(-1, keepdim=True)
-    w = torch.exp(m_all - m_max)
-    out = (w[..., None] * o_all).sum(-2) / (w * l_all).sum(-1)[..., None]
+    if n_full + (T > n_full * P) == 1:  # one partition: the reduce is a plain normalisation
+        out = o_parts[0][..., 0, :] / l_parts[0]
+    else:  # rescale each partition by exp(m_i - m) and normalise by the rescaled sums
+        m_all, l_all, o_all = torch.cat(m_parts, -1), torch.cat(l_parts, -1), torch.cat(o_parts, -2)
+        w = torch.exp(m_all - m_all.amax(-1, keepdim=True))
+        out = (w[..., None] * o_all).sum(-2) / (w * l_all).sum(-1)[..., None]
     return out.reshape(B, Hq, D).to(q.dtype)
 
 
