@@ -96,9 +96,7 @@ def _load_gguf(path: Path, device, dtype) -> LoadedModel:
     contents = read_gguf(path)
     args = ModelArgs.from_dict(contents.config)
     args.eos_token_ids = _merge_ids(contents.generation_config.get("eos_token_id"), args.eos_token_ids)
-    special = {k: contents.tokenizer_config.get(k) for k in ("bos_token", "eos_token", "unk_token", "pad_token")}
-    tokenizer = Tokenizer(contents.tokenizer, chat_template=contents.tokenizer_config.get("chat_template"),
-                          special_tokens=special, eos_token_ids=args.eos_token_ids)
+    tokenizer = Tokenizer.from_gguf(contents, args.eos_token_ids)
     model = build_model(args, iter_gguf_tensors(path, contents.config), device, dtype, str(path))
     return LoadedModel(model, tokenizer, args, str(path))
 

