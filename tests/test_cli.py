@@ -20,7 +20,8 @@ def tiny_dir(tmp_path_factory):
 
 def fa_chat(*args, stdin: str = "", timeout: float = 120):
     env = dict(os.environ, PYTHONUNBUFFERED="1")
-    return subprocess.run([sys.executable, "-m", "fachat.cli.main", *args], input=stdin, capture_output=True,
+    # The CPU, like the engines these runs are compared with: sampled streams differ between devices.
+    return subprocess.run([sys.executable, "-m", "fachat.cli.main", "--device", "cpu", *args], input=stdin, capture_output=True,
                           text=True, timeout=timeout, env=env)
 
 

@@ -360,11 +360,23 @@ def test_tiny_weights_every_type(arch, tmp_path, rng):
         assert set(tf_sd) <= set(yielded)
 
 
+def _transformers_gguf_splits() -> dict:
+    try:
+        from transformers.integrations.gguf.gguf_tokenizer_mapping import GGUF_PRE_TOKENIZER_SPLITS
+    except ImportError:
+        return {}
+    return GGUF_PRE_TOKENIZER_SPLITS
+
+
 @needs_tf
 @pytest.mark.parametrize("pre", ["gpt-2", "llama-bpe", "qwen2"])
 def test_tiny_byte_level_tokenizer(pre, tmp_path, rng):
     from tokenizers import Tokenizer
     from transformers import AutoTokenizer
+
+    if pre != "gpt-2" and pre not in _transformers_gguf_splits():
+        pytest.skip(f"this transformers builds {pre!r} GGUF tokenizers with GPT-2's split regex, so it is no "
+                    "peer for them (seen with 5.17; 5.23 knows the pre type)")
 
     tokenizer = byte_level_tokenizer(pre)
     cfg = tiny_config(rng, len(tokenizer["tokens"]), hidden=64, layers=1)
