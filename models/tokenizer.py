@@ -43,7 +43,7 @@ class Tokenizer:
             backend = Backend.from_file(str(file))
         except Exception as e:
             raise CorruptModelError(f"cannot read {file}: {e}") from None
-        config = _read_json(path / "tokenizer_config.json")
+        config = read_json(path / "tokenizer_config.json")
         template = config.get("chat_template")
         if isinstance(template, list):  # a list of named templates; take the default one
             template = next((t["template"] for t in template if t.get("name") == "default"), None)
@@ -88,7 +88,7 @@ class Tokenizer:
         return IncrementalDetokenizer(self)
 
 
-def _read_json(path: Path) -> dict:
+def read_json(path: Path) -> dict:
     if not path.is_file():
         return {}
     try:
