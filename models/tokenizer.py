@@ -75,10 +75,15 @@ class Tokenizer:
         if self.chat_template is None:
             raise ValueError("this model has no chat template; pass the prompt as a str or a list of token ids")
         _check_messages(messages)
+        from jinja2 import TemplateError
+
         if self._template is None:
             self._template = _compile_template(self.chat_template)
-        return self._template.render(messages=messages, add_generation_prompt=add_generation_prompt,
-                                     **{k: v for k, v in self.special_tokens.items() if v is not None})
+        try:
+            return self._template.render(messages=messages, add_generation_prompt=add_generation_prompt,
+                                         **{k: v for k, v in self.special_tokens.items() if v is not None})
+        except TemplateError as e:  # raise_exception(...) in the template: the messages are not acceptable
+            raise ValueError(f"the chat template rejected the messages: {e}") from None
 
     def apply_chat_template(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True) -> list[int]:
         # The rendered text already holds its special tokens (bos included), as in transformers.
