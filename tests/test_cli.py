@@ -21,8 +21,11 @@ def tiny_dir(tmp_path_factory):
 def fa_chat(*args, stdin: str = "", timeout: float = 120):
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     # The CPU, like the engines these runs are compared with: sampled streams differ between devices.
-    return subprocess.run([sys.executable, "-m", "fachat.cli.main", "--device", "cpu", *args], input=stdin, capture_output=True,
-                          text=True, timeout=timeout, env=env)
+    result = subprocess.run([sys.executable, "-m", "fachat.cli.main", "--device", "cpu", *args],
+                            input=stdin.encode(), capture_output=True, timeout=timeout, env=env)
+    # Decoded by hand: text mode would turn a generated "\r" into "\n".
+    result.stdout, result.stderr = result.stdout.decode(), result.stderr.decode()
+    return result
 
 
 def test_one_shot_prompt_streams_the_engine_answer(tiny_dir):
