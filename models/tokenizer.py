@@ -146,24 +146,26 @@ class IncrementalDetokenizer:
         self.prefix_offset = 0  # start of the decode window
         self.read_offset = 0  # tokens before this have been emitted
 
-    def add(self, token: int) -> str:
-        self.tokens.append(token)
+    def _unreleased(self) -> str:
+        """Text of the tokens after read_offset, decoded in the window that starts at prefix_offset."""
         prefix = self.tokenizer.decode(self.tokens[self.prefix_offset:self.read_offset])
         full = self.tokenizer.decode(self.tokens[self.prefix_offset:])
-        if len(full) <= len(prefix) or full.endswith("\ufffd"):
+        return full[len(prefix):]
+
+    def add(self, token: int) -> str:
+        self.tokens.append(token)
+        new = self._unreleased()
+        if not new or new.endswith("\ufffd"):
             return ""  # nothing new yet, or an incomplete UTF-8 sequence
         self.prefix_offset, self.read_offset = self.read_offset, len(self.tokens)
-        return full[len(prefix):]
+        return new
 
     def pending(self) -> str:
         """Text decoded but held back by `add`, without a trailing incomplete character."""
-        prefix = self.tokenizer.decode(self.tokens[self.prefix_offset:self.read_offset])
-        full = self.tokenizer.decode(self.tokens[self.prefix_offset:])
-        return full[len(prefix):].rstrip("\ufffd")
+        return self._unreleased().rstrip("\ufffd")
 
     def flush(self) -> str:
         """Whatever is still held back (a trailing partial character decodes as U+FFFD)."""
-        prefix = self.tokenizer.decode(self.tokens[self.prefix_offset:self.read_offset])
-        full = self.tokenizer.decode(self.tokens[self.prefix_offset:])
+        new = self._unreleased()
         self.prefix_offset = self.read_offset = len(self.tokens)
-        return full[len(prefix):]
+        return new
