@@ -320,12 +320,18 @@ def _build_config(h: _Header) -> dict:
     rope_theta = float(h.key("rope.freq_base", 10000.0))
     if "token_embd.weight" not in h.by_name:
         raise CorruptModelError(f"{h.path}: no token_embd.weight tensor")
+    n_layers = h.key("block_count")
+    # Bounds the per-layer work below by what the file holds: a corrupt count must not allocate for it.
+    blocks = {int(m[1]) for t in h.tensors if (m := _BLOCK_RE.fullmatch(t.name))}
+    if not isinstance(n_layers, int) or blocks != set(range(len(blocks))) or n_layers != len(blocks):
+        raise CorruptModelError(
+            f"{h.path}: block_count is {n_layers!r} but the file has tensors for {len(blocks)} blocks")
     config = {
         "architectures": [arch_class],
         "model_type": model_type,
         "hidden_size": hidden,
         "intermediate_size": _per_layer_constant(h, "feed_forward_length"),
-        "num_hidden_layers": h.key("block_count"),
+        "num_hidden_layers": n_layers,
         "num_attention_heads": heads,
         "num_key_value_heads": kv_heads,
         "head_dim": head_dim,

@@ -629,6 +629,17 @@ def test_inconsistent_shapes(tmp_path, rng):
         read_gguf(path)
 
 
+@needs_gguf
+@pytest.mark.parametrize("claimed", [0, 3])
+def test_block_count_disagrees_with_the_tensors(tmp_path, rng, claimed):
+    """A corrupt block_count is reported as such, before any per-layer work sized by it (a huge count
+    used to build a table of that many layers and run out of memory)."""
+    path = tmp_path / "b.gguf"
+    write_small(path, rng, cfg_changes={"num_hidden_layers": claimed})
+    with pytest.raises(CorruptModelError, match=rf"b\.gguf: block_count is {claimed} but the file has tensors for 1 blocks"):
+        read_gguf(path)
+
+
 def test_gguf_package_missing(tmp_path, monkeypatch):
     path = tmp_path / "any.gguf"
     path.write_bytes(b"GGUF" + bytes(100))
