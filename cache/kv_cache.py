@@ -88,6 +88,39 @@ class InPlaceKVCache:
             raise ValueError(f"truncate length must be in [0, {self.length}], got {n}")
         self.length = n
 
+    @property
+    def state(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Every layer's live K and V, [B, Hkv, length, D]: zero-copy views (clone them to keep them)."""
+        views = [self.views(layer) for layer in range(len(self.k))]
+        return [k for k, _ in views], [v for _, v in views]
+
+    def extend(self, keys: list[torch.Tensor], values: list[torch.Tensor]) -> None:
+        """Appends n positions given per layer as K and V [B, Hkv, n, D], copied in (O(n))."""
+        n = self._check_kv(keys, values)
+        start = self.length
+        self.reserve(start + n)
+        for layer, (k, v) in enumerate(zip(keys, values)):
+            self.write(layer, start, k, v)
+        self.advance(n)
+
+    def set_state(self, keys: list[torch.Tensor], values: list[torch.Tensor]) -> None:
+        """Replaces the contents with K and V [B, Hkv, n, D] per layer: copies n positions, never the
+        spare capacity; the buffers grow if n does not fit."""
+        self._check_kv(keys, values)
+        self.length = 0  # nothing stale is copied if the buffers grow
+        self.extend(keys, values)
+
+    def _check_kv(self, keys: list[torch.Tensor], values: list[torch.Tensor]) -> int:
+        """The n of K/V that fit this cache: one tensor [B, Hkv, n, D] of its dtype per layer."""
+        b, h, _, d = self.k[0].shape
+        if len(keys) != len(self.k) or len(values) != len(self.v):
+            raise ValueError(f"expected K and V for {len(self.k)} layers, got {len(keys)} and {len(values)}")
+        n = keys[0].shape[2] if keys[0].dim() == 4 else -1
+        for t in keys + values:
+            if t.dim() != 4 or tuple(t.shape) != (b, h, n, d) or t.dtype != self.k[0].dtype:
+                raise ValueError(f"K/V must all be {self.k[0].dtype} [{b}, {h}, n, {d}] of one n; "
+                                 f"got {t.dtype} {list(t.shape)}")
+        return n
 
 class ConcatKVCache(InPlaceKVCache):
     """Concat-grow baseline: every write reallocates the layer's buffer to exactly the new length.

@@ -1,17 +1,29 @@
-"""fa-chat: stream one answer (--prompt) or chat in a REPL."""
+"""fa-chat: stream one answer (--prompt) or chat in a REPL whose session can be saved and resumed."""
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
+from pathlib import Path
 
 from fachat.errors import FachatError
 
 HELP = """Commands:
-  /reset   start a new conversation
-  /help    show this help
-  /quit    exit (Ctrl-D works too)
-Ctrl-C stops an answer."""
+  /save PATH     save the session: conversation, KV cache and sampling state
+  /load PATH     continue a saved session (the current one is kept if loading fails)
+  /reset         start a new conversation, keeping the system prompt
+  /undo          take back the last turn
+  /system TEXT   set the system prompt; /system alone removes it
+  /stats         context size, cache memory and the last answer's speed
+  /help          show this help
+  /quit          exit (Ctrl-D works too)
+Ctrl-C stops an answer; the conversation keeps what was said."""
+
+# Flag -> generate() argument; flags left out keep the session's own settings (a resumed one's included).
+SAMPLING_FLAGS = {"max_tokens": "max_new_tokens", "temperature": "temperature", "top_p": "top_p", "top_k": "top_k",
+                  "min_p": "min_p", "repetition_penalty": "repetition_penalty", "seed": "seed"}
+NEW_SESSION_DEFAULTS = {"max_new_tokens": 512}
 
 
 def positive_int(text: str) -> int:
@@ -24,17 +36,19 @@ def positive_int(text: str) -> int:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="fa-chat", description="Chat with a small Llama-style model.")
     p.add_argument("--model", help="local folder, .gguf file or Hugging Face hub id "
-                                    "(default: the embedded SmolLM2-135M-Instruct)")
+                                    "(default: the saved session's model with --resume, else the embedded "
+                                    "SmolLM2-135M-Instruct)")
+    p.add_argument("--resume", metavar="PATH", help="continue a session saved with /save")
     p.add_argument("--prompt", help="answer this one prompt and exit; '-' reads standard input")
     p.add_argument("--system", help="system prompt")
-    g = p.add_argument_group("sampling")
-    g.add_argument("--max-tokens", type=positive_int, default=512, help="most new tokens per answer (default 512)")
-    g.add_argument("--temperature", type=float, default=0.7, help="0 is greedy (default 0.7)")
-    g.add_argument("--top-p", type=float, default=1.0)
-    g.add_argument("--top-k", type=int, default=0)
-    g.add_argument("--min-p", type=float, default=0.0)
-    g.add_argument("--repetition-penalty", type=float, default=1.0)
-    g.add_argument("--seed", type=int)
+    g = p.add_argument_group("sampling (with --resume, the saved session's settings unless given)")
+    g.add_argument("--max-tokens", type=positive_int, help="most new tokens per answer (default 512)")
+    g.add_argument("--temperature", type=float, help="0 is greedy (default 0.7)")
+    g.add_argument("--top-p", type=float, help="nucleus sampling mass (default 1.0: off)")
+    g.add_argument("--top-k", type=int, help="sample among the k likeliest tokens (default 0: off)")
+    g.add_argument("--min-p", type=float, help="drop tokens below min_p x the top probability (default 0: off)")
+    g.add_argument("--repetition-penalty", type=float, help="penalty for tokens already in context (default 1.0)")
+    g.add_argument("--seed", type=int, help="seed of the sampler, for repeatable answers")
     r = p.add_argument_group("runtime")
     r.add_argument("--device", default="auto", help="auto, cpu, cuda[:N] or mps")
     r.add_argument("--dtype", default="auto", help="auto, float32, float16 or bfloat16")
@@ -43,90 +57,165 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def sampling_kwargs(args) -> dict:
-    return dict(max_new_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
-                min_p=args.min_p, repetition_penalty=args.repetition_penalty, seed=args.seed)
+def sampling_flags(args) -> dict:
+    """The sampling settings given on the command line, as generate() arguments."""
+    return {arg: getattr(args, flag) for flag, arg in SAMPLING_FLAGS.items() if getattr(args, flag) is not None}
 
 
-def stream_answer(engine, prompt, kwargs: dict, verbose: bool):
-    """Streams one answer to stdout; returns the Generation (partial if interrupted by Ctrl-C)."""
-    stream = engine.stream(prompt, **kwargs)
+def stats_line(gen) -> str:
+    s = gen.stats
+    return (f"[{s.prompt_tokens} context tokens ({s.cached_tokens} cached), {s.new_tokens} new; first token {s.time_to_first_token * 1e3:.0f} ms; "
+            f"prefill {s.prefill_tokens_per_s:.1f} tok/s, decode {s.decode_tokens_per_s:.1f} tok/s]")
+
+
+def print_stats(session) -> None:
+    cache, engine = session.cache, session.engine
+    mib = 1 << 20
+    print(f"context: {len(session.tokens)} tokens of {engine.max_seq_len}, {len(session.messages)} messages")
+    print(f"KV cache: {cache.length} positions cached, capacity {cache.capacity}, "
+          f"{cache.nbytes / mib:.1f} MiB allocated, {cache.live_nbytes / mib:.1f} MiB live")
+    gen = session.last_generation
+    print("last answer: none yet" if gen is None else "last answer: " + stats_line(gen)[1:-1])
+
+
+def stream_answer(session, message: str | None, overrides: dict, verbose: bool):
+    """Streams one answer to stdout. message None continues raw text (models without a chat template
+    get the text appended first). Returns the Generation, partial if Ctrl-C stopped it."""
+    if not session.engine.tokenizer.chat_template:
+        if message is not None:
+            session.append(message)
+        stream = session.stream(**overrides)
+    else:
+        stream = session.stream_chat(message, **overrides)
     try:
         for piece in stream:
             sys.stdout.write(piece)
             sys.stdout.flush()
     except KeyboardInterrupt:
-        stream.generation.finish_reason = "interrupted"
+        stream.close()  # the partial answer joins the conversation now
     gen = stream.generation
     sys.stdout.write("\n")
+    sys.stdout.flush()
     if gen.finish_reason == "interrupted":
         print("[interrupted]", file=sys.stderr)
-    elif gen.finish_reason == "length" and gen.stats.prompt_tokens + len(gen.tokens) >= engine.max_seq_len:
-        print(f"[context full: {engine.max_seq_len} tokens. Use /reset, or a larger --max-seq-len]", file=sys.stderr)
+    elif gen.finish_reason == "length" and len(session.tokens) >= session.engine.max_seq_len:
+        print(f"[context full: {session.engine.max_seq_len} tokens. Use /reset or /undo, "
+              "or restart with a larger --max-seq-len]", file=sys.stderr)
     if verbose:
-        s = gen.stats
-        print(f"[{s.prompt_tokens} prompt tokens, {s.new_tokens} new; first token {s.time_to_first_token * 1e3:.0f} ms; "
-              f"prefill {s.prefill_tokens_per_s:.1f} tok/s, decode {s.decode_tokens_per_s:.1f} tok/s]",
-              file=sys.stderr)
+        print(stats_line(gen), file=sys.stderr)
     return gen
 
 
-def make_prompt(engine, messages: list[dict], text: str):
-    """Chat messages when the model has a template, else the raw text."""
-    return messages if engine.tokenizer.chat_template else text
+def history_file() -> Path:
+    state = os.environ.get("XDG_STATE_HOME") or os.path.join(os.path.expanduser("~"), ".local", "state")
+    return Path(state) / "fa-chat" / "history"
 
 
-def repl(engine, args) -> None:
+def enable_history():
+    """readline line editing, with history kept across runs; returns a function that saves it."""
     try:
-        import readline  # noqa: F401  (line editing and history for input())
+        import readline
     except ImportError:
-        pass
-    base = [{"role": "system", "content": args.system}] if args.system else []
-    messages = list(base)
+        return lambda: None
+    path = history_file()
+    try:
+        readline.read_history_file(path)
+    except (OSError, ValueError):
+        pass  # no history yet, or unreadable: start afresh
+    readline.set_history_length(1000)
+
+    def save():
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(path.name + ".tmp")
+            readline.write_history_file(tmp)
+            os.replace(tmp, path)
+        except OSError:
+            pass  # history is a convenience; never fail the exit over it
+
+    return save
+
+
+def run_command(text: str, session, engine, args):
+    """Runs a /command; returns the (possibly new) session, or None to quit."""
+    command, _, rest = text.partition(" ")
+    rest = rest.strip()
+    if command == "/quit":
+        return None
+    if command == "/help":
+        print(HELP)
+    elif command == "/reset":
+        session.reset()
+        print("[new conversation]", file=sys.stderr)
+    elif command == "/undo":
+        session.undo()
+        print(f"[took back the last turn; {len(session.tokens)} tokens in context]", file=sys.stderr)
+    elif command == "/system":
+        if not engine.tokenizer.chat_template:
+            raise ValueError("this model has no chat template, so it has no system prompt")
+        session.system = rest or None
+        print("[system prompt set]" if rest else "[system prompt removed]", file=sys.stderr)
+    elif command == "/stats":
+        print_stats(session)
+    elif command in ("/save", "/load"):
+        if not rest:
+            raise ValueError(f"{command} needs a file path, e.g. {command} chat.safetensors")
+        path = os.path.expanduser(rest)
+        if command == "/save":
+            session.save(path)
+            print(f"[saved {len(session.tokens)} tokens to {path} ({os.path.getsize(path) / (1 << 20):.1f} MiB)]",
+                  file=sys.stderr)
+        else:
+            session = engine.load_session(path)  # raises before anything changes on a bad file
+            print(f"[loaded {path}: {len(session.tokens)} tokens, {len(session.messages)} messages]",
+                  file=sys.stderr)
+    else:
+        print(f"unknown command {command}; /help lists them", file=sys.stderr)
+    return session
+
+
+def repl(session, engine, args) -> None:
+    save_history = enable_history()
+    overrides = sampling_flags(args) if args.resume else {}
     print("Type a message, /help for commands, Ctrl-D to quit.", file=sys.stderr)
-    while True:
-        try:
-            line = input(">>> ")
-        except EOFError:
-            print(file=sys.stderr)
-            return
-        except KeyboardInterrupt:
-            print(file=sys.stderr)
-            continue
-        text = line.strip()
-        if not text:
-            continue
-        if text.startswith("/"):
-            command = text.split()[0]
-            if command == "/quit":
+    try:
+        while True:
+            try:
+                line = input(">>> ")
+            except EOFError:
+                print(file=sys.stderr)
                 return
-            if command == "/help":
-                print(HELP)
-            elif command == "/reset":
-                messages = list(base)
-                print("[new conversation]", file=sys.stderr)
-            else:
-                print(f"unknown command {command}; /help lists them", file=sys.stderr)
-            continue
-        turn = messages + [{"role": "user", "content": line}]
-        try:
-            gen = stream_answer(engine, make_prompt(engine, turn, line), sampling_kwargs(args), args.verbose)
-        except (FachatError, ValueError) as e:
-            print(f"error: {e}", file=sys.stderr)
-            continue
-        messages = turn + [{"role": "assistant", "content": gen.text}]
+            except KeyboardInterrupt:
+                print(file=sys.stderr)
+                continue
+            text = line.strip()
+            if not text:
+                continue
+            try:
+                if text.startswith("/"):
+                    session = run_command(text, session, engine, args)
+                    if session is None:
+                        return
+                else:
+                    stream_answer(session, line, overrides, args.verbose)
+                    overrides.pop("seed", None)  # --seed reseeds a resumed session once, not every answer
+            except (FachatError, ValueError, OSError) as e:
+                print(f"error: {e}", file=sys.stderr)
+    finally:
+        save_history()
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        from fachat.cache.checkpoint import read_checkpoint_info
         from fachat.engine import Engine, SamplingParams
         from fachat.models import default_model
 
-        kwargs = sampling_kwargs(args)
-        SamplingParams(**{k: v for k, v in kwargs.items() if k != "max_new_tokens"})  # fail before the slow load
-
-        source = args.model or default_model()
+        flags = sampling_flags(args)
+        SamplingParams(**{k: v for k, v in flags.items() if k != "max_new_tokens"})  # fail before the slow load
+        saved = read_checkpoint_info(args.resume) if args.resume else None
+        source = args.model or (saved.model_source if saved else None) or default_model()
         print(f"Loading {source} ...", file=sys.stderr)
         t0 = time.perf_counter()
         engine = Engine.load(source, device=args.device, dtype=args.dtype, max_seq_len=args.max_seq_len)
@@ -134,15 +223,21 @@ def main(argv: list[str] | None = None) -> int:
               f"in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
         if args.verbose:
             print(f"attention backend: {engine.attention_backend}", file=sys.stderr)
+        if args.resume:
+            session = engine.load_session(args.resume)
+            if args.system is not None:
+                session.system = args.system
+            print(f"[resumed {args.resume}: {len(session.tokens)} tokens, {len(session.messages)} messages]",
+                  file=sys.stderr)
+        else:
+            session = engine.session(system=args.system, **(NEW_SESSION_DEFAULTS | flags))
         if args.prompt is None:
-            repl(engine, args)
+            repl(session, engine, args)
             return 0
         text = sys.stdin.read() if args.prompt == "-" else args.prompt
-        messages = ([{"role": "system", "content": args.system}] if args.system else []) + \
-            [{"role": "user", "content": text}]
-        gen = stream_answer(engine, make_prompt(engine, messages, text), kwargs, args.verbose)
+        gen = stream_answer(session, text, flags if args.resume else {}, args.verbose)
         return 130 if gen.finish_reason == "interrupted" else 0
-    except (FachatError, ValueError) as e:
+    except (FachatError, ValueError, OSError) as e:
         print(f"fa-chat: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -1,6 +1,7 @@
-"""Engine, generation and sampling."""
+"""Engine, sessions, generation and sampling."""
 from fachat.engine.engine import Engine
 from fachat.engine.generate import Generation, GenerationStats, TextStream
 from fachat.engine.sampling import SamplingParams
+from fachat.engine.session import Session, Snapshot
 
-__all__ = ["Engine", "Generation", "GenerationStats", "SamplingParams", "TextStream"]
+__all__ = ["Engine", "Generation", "GenerationStats", "SamplingParams", "Session", "Snapshot", "TextStream"]

@@ -1,14 +1,19 @@
 """Engine: loads a model once, then generates, streams and scores."""
 from __future__ import annotations
 
+import base64
+import dataclasses
+import functools
+import hashlib
+import json
 import os
 from typing import Any, Sequence
 
 import torch
 
 from fachat.cache import InPlaceKVCache
-from fachat.engine.generate import Generation, TextStream, generate_step, prefill
-from fachat.engine.sampling import Sampler, SamplingParams
+from fachat.engine.generate import Generation, TextStream, prefill
+from fachat.engine.session import Session
 from fachat.errors import ContextLengthError
 from fachat.kernels.dispatch import BACKENDS, select_backend
 from fachat.models.loaders import LoadedModel, load_model
@@ -16,6 +21,7 @@ from fachat.models.loaders import LoadedModel, load_model
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
           "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
           "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+SAMPLES_PER_TENSOR = 4  # weight values in a model's fingerprint, per tensor
 
 
 def resolve_device(device: str | torch.device) -> torch.device:
@@ -111,20 +117,10 @@ class Engine:
                top_p: float = 1.0, min_p: float = 0.0, repetition_penalty: float = 1.0, seed: int | None = None,
                stop: str | Sequence[str] | None = None) -> TextStream:
         """Yields text pieces as they decode; the returned stream's `.generation` holds the result at the end."""
-        params = SamplingParams(temperature, top_k, top_p, min_p, repetition_penalty, seed)
-        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
-        stops = _check_stop(stop)
-        ids = self.encode_prompt(prompt)
-        if len(ids) >= self.max_seq_len:
-            raise ContextLengthError(
-                f"prompt is {len(ids)} tokens but max_seq_len is {self.max_seq_len}; "
-                "shorten it or load with a larger max_seq_len")
-        # The context bounds the new tokens: prompt + new <= max_seq_len.
-        budget = min(max_new_tokens, self.max_seq_len - len(ids))
-        sampler = Sampler(params, self.args.vocab_size, self.device)
-        steps = generate_step(self.model, self.new_cache(), ids, sampler)
-        return TextStream(steps, self.tokenizer, len(ids), budget, stops)
+        # A throwaway session: the one generation path, with a new cache and a sampler seeded with `seed`.
+        session = Session(self, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                          min_p=min_p, repetition_penalty=repetition_penalty, seed=seed, stop=stop)
+        return session._stream(self.encode_prompt(prompt), {})
 
     def generate(self, prompt, max_new_tokens: int = 256, temperature: float = 0.7, top_k: int = 0,
                  top_p: float = 1.0, min_p: float = 0.0, repetition_penalty: float = 1.0, seed: int | None = None,
@@ -133,6 +129,34 @@ class Engine:
         for _ in stream:
             pass
         return stream.generation
+
+    def session(self, system: str | None = None, **sampling) -> Session:
+        """A conversation that keeps its K/V between turns. sampling: generate's arguments (max_new_tokens,
+        temperature, top_k, top_p, min_p, repetition_penalty, seed, stop), the session's defaults."""
+        return Session(self, system, **sampling)
+
+    def load_session(self, path: str | os.PathLike, convert_dtype: bool = False) -> Session:
+        """A session saved with Session.save. Raises CheckpointError, naming the file and the problem, if it
+        is unreadable, corrupt, inconsistent, of another model, or of another dtype (unless convert_dtype)."""
+        return Session.load(self, path, convert_dtype)
+
+    @functools.cached_property
+    def fingerprint(self) -> dict[str, Any]:
+        """What identifies the model that a session's K/V belong to: architecture, a hash of the config, a
+        hash of the weights' names and shapes, and a few weight values per tensor, as base64 float32 (kept,
+        not hashed, so that they can be compared across dtypes). Cheap: no pass over every weight byte."""
+        def sha256(text: str) -> str:
+            return hashlib.sha256(text.encode()).hexdigest()
+
+        params = list(self.model.named_parameters())
+        samples = [p.detach().reshape(-1)[[i * (p.numel() - 1) // (SAMPLES_PER_TENSOR - 1)
+                                           for i in range(SAMPLES_PER_TENSOR)]] for _, p in params]
+        source = os.path.abspath(self.source) if os.path.exists(self.source) else self.source
+        return {"architecture": self.args.architecture,
+                "config_sha256": sha256(json.dumps(dataclasses.asdict(self.args), sort_keys=True, default=str)),
+                "weights_sha256": sha256("\n".join(f"{name} {list(p.shape)}" for name, p in params)),
+                "weights_sample": base64.b64encode(torch.cat(samples).float().cpu().numpy().tobytes()).decode(),
+                "source": source}
 
     def score(self, token_ids) -> torch.Tensor:
         """Teacher-forced logits at every position, float32 [len, vocab]."""
@@ -143,9 +167,3 @@ class Engine:
             raise ContextLengthError(f"{len(ids)} tokens exceed max_seq_len={self.max_seq_len}")
         return prefill(self.model, self.new_cache(), ids, all_logits=True)
 
-
-def _check_stop(stop) -> list[str]:
-    stops = [] if stop is None else [stop] if isinstance(stop, str) else stop
-    if not isinstance(stops, (list, tuple)) or not all(isinstance(s, str) and s for s in stops):
-        raise ValueError(f"stop must be a non-empty str or a list of non-empty str, got {stop!r}")
-    return list(stops)

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Iterator
+from typing import Callable, Iterator, Sequence
 
 import torch
 
@@ -16,8 +16,9 @@ PREFILL_CHUNK = 512  # long prompts run in chunks, bounding attention's temporar
 
 @dataclass
 class GenerationStats:
-    prompt_tokens: int = 0
+    prompt_tokens: int = 0  # the context the answer follows
     new_tokens: int = 0
+    cached_tokens: int = 0  # of prompt_tokens, those whose K/V a session already held (not prefilled)
     time_to_first_token: float = 0.0  # seconds, prefill included
     prefill_tokens_per_s: float = 0.0
     decode_tokens_per_s: float = 0.0
@@ -27,7 +28,7 @@ class GenerationStats:
 class Generation:
     text: str = ""
     tokens: list[int] = field(default_factory=list)  # new tokens only; an ending eos is left out
-    finish_reason: str | None = None  # "stop" (eos or a stop string) or "length"
+    finish_reason: str | None = None  # "stop" (eos or a stop string), "length", or "interrupted" (closed early)
     stats: GenerationStats = field(default_factory=GenerationStats)
 
 
@@ -42,10 +43,12 @@ def prefill(model, cache: InPlaceKVCache, ids: list[int], all_logits: bool = Fal
     return torch.cat(outputs) if all_logits else outputs[-1]
 
 
-def generate_step(model, cache: InPlaceKVCache, prompt_ids: list[int], sampler: Sampler) -> Iterator[int]:
-    """Yields sampled tokens forever. A yielded token is fed to the model only when the next one is asked for."""
-    sampler.observe(prompt_ids)
-    logits = prefill(model, cache, prompt_ids)
+def generate_step(model, cache: InPlaceKVCache, ids: list[int], sampler: Sampler) -> Iterator[int]:
+    """Yields sampled tokens after the context ids forever. The cache must hold ids[:cache.length] (fewer
+    than len(ids)); the rest is prefilled. A yielded token is fed to the model only when the next one is
+    asked for."""
+    sampler.observe(ids)
+    logits = prefill(model, cache, ids[cache.length:])
     device = logits.device
     while True:
         token = sampler(logits)
@@ -60,12 +63,15 @@ class TextStream:
     """
 
     def __init__(self, steps: Iterator[int], tokenizer: Tokenizer, prompt_tokens: int, max_new_tokens: int,
-                 stop: list[str]):
+                 stop: Sequence[str], *, cached_tokens: int = 0, on_end: Callable[[Generation], None] | None = None):
+        """on_end is called with the finished Generation once the stream ends, however it ends: done,
+        closed, or an exception (KeyboardInterrupt) raised inside it."""
         self._steps = steps
         self._tokenizer = tokenizer
         self._max_new_tokens = max_new_tokens
-        self._stop = stop
-        self.generation = Generation(stats=GenerationStats(prompt_tokens=prompt_tokens))
+        self._stop = list(stop)
+        self._on_end = on_end
+        self.generation = Generation(stats=GenerationStats(prompt_tokens=prompt_tokens, cached_tokens=cached_tokens))
         self._pieces = self._run()
 
     def __iter__(self):
@@ -73,6 +79,11 @@ class TextStream:
 
     def __next__(self) -> str:
         return next(self._pieces)
+
+    def close(self) -> None:
+        """Ends the stream early (e.g. after a KeyboardInterrupt in the loop over it); a stream that never
+        started ends without having run."""
+        self._pieces.close()
 
     def _run(self) -> Iterator[str]:
         gen, stats = self.generation, self.generation.stats
@@ -114,12 +125,16 @@ class TextStream:
         finally:
             self._steps.close()
             gen.text = text
+            if gen.finish_reason is None:
+                gen.finish_reason = "interrupted"
             stats.new_tokens = len(gen.tokens)
             stats.time_to_first_token = first - start
             if first > start:
-                stats.prefill_tokens_per_s = stats.prompt_tokens / (first - start)
+                stats.prefill_tokens_per_s = (stats.prompt_tokens - stats.cached_tokens) / (first - start)
             if last > first:
                 stats.decode_tokens_per_s = step / (last - first)
+            if self._on_end is not None:
+                self._on_end(gen)
 
     def _stop_index(self, text: str, emitted: int) -> int | None:
         hits = [i for s in self._stop if (i := text.find(s, emitted)) >= 0]

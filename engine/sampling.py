@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Sequence
 
 import torch
 
@@ -19,13 +20,16 @@ def _number(name: str, value, *, low: float, high: float = math.inf, low_open: b
 
 @dataclass(frozen=True)
 class SamplingParams:
-    """transformers' generate names; temperature 0 means greedy."""
+    """Engine.generate's arguments, in transformers' names; temperature 0 means greedy. `stop` is kept
+    as a tuple of strings; a str is one stop string."""
     temperature: float = 0.7
     top_k: int = 0
     top_p: float = 1.0
     min_p: float = 0.0
     repetition_penalty: float = 1.0
     seed: int | None = None
+    max_new_tokens: int = 256
+    stop: str | Sequence[str] | None = ()
 
     def __post_init__(self):
         _number("temperature", self.temperature, low=0.0)
@@ -35,18 +39,22 @@ class SamplingParams:
         _number("repetition_penalty", self.repetition_penalty, low=0.0, low_open=True)
         if self.seed is not None:
             _number("seed", self.seed, low=0, high=2**63 - 1, integer=True)
+        _number("max_new_tokens", self.max_new_tokens, low=1, integer=True)
+        stops = () if self.stop is None else (self.stop,) if isinstance(self.stop, str) else self.stop
+        if not isinstance(stops, (list, tuple)) or not all(isinstance(s, str) and s for s in stops):
+            raise ValueError(f"stop must be a non-empty str or a list of non-empty str, got {self.stop!r}")
+        object.__setattr__(self, "stop", tuple(stops))  # frozen: normalised once, here
 
 
 class Sampler:
     """Turns last-position logits into a token: repetition penalty, then temperature, top-k, top-p, min-p."""
 
-    def __init__(self, params: SamplingParams, vocab_size: int, device: torch.device):
+    def __init__(self, params: SamplingParams, vocab_size: int, device: torch.device,
+                 generator: torch.Generator | None = None):
+        """generator: one to draw from as it is (a session's, which lives across calls); by default a new
+        one seeded with params.seed."""
         self.params = params
-        self.generator = torch.Generator(device=device)
-        if params.seed is None:
-            self.generator.seed()  # fresh entropy; the default seed would be a constant
-        else:
-            self.generator.manual_seed(params.seed)
+        self.generator = generator if generator is not None else new_generator(device, params.seed)
         self.seen = torch.zeros(vocab_size, dtype=torch.bool, device=device)
 
     def observe(self, token_ids) -> None:
@@ -82,3 +90,12 @@ class Sampler:
             probs = torch.softmax(logits, -1)
             logits = logits.masked_fill(probs < p.min_p * probs.max(), -math.inf)
         return torch.softmax(logits, -1)
+
+
+def new_generator(device: torch.device, seed: int | None) -> torch.Generator:
+    generator = torch.Generator(device=device)
+    if seed is None:
+        generator.seed()  # fresh entropy; the default seed would be a constant
+    else:
+        generator.manual_seed(seed)
+    return generator

@@ -23,3 +23,8 @@ class CorruptModelError(ModelLoadError):
 
 class ContextLengthError(FachatError, ValueError):
     """A prompt (or prompt plus generation) that does not fit in max_seq_len."""
+
+
+class CheckpointError(FachatError):
+    """A session checkpoint that cannot be loaded: missing, truncated, corrupt, of another model or
+    format version, or inconsistent; the message names the file and the problem."""

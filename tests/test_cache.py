@@ -227,3 +227,59 @@ def test_truncate_and_rerun_gives_identical_logits(llama_engine, gen, seed):
         assert torch.equal(x, y), f"step {i} after truncate differs from a fresh cache; seed={seed}"
     # and the logits really depend on the cache contents (the comparison above is not vacuous)
     assert not torch.equal(after[0], eng.model(other[0].view(1, 1), caches_for(eng)[0]))
+
+
+def test_state_views_extend_and_set_state(gen, seed):
+    """state: zero-copy views of the live region; extend appends copies at the cursor; set_state replaces
+    the contents, copying only the given positions and growing the buffers when they do not fit."""
+    L, B, H, D = 3, 1, 2, 4
+    cache = InPlaceKVCache(L, H, D, dtype=torch.float32, capacity=4)
+    written = fill(cache, 6, gen, L, (B, H, D))
+    keys, values = cache.state
+    assert len(keys) == len(values) == L
+    for layer in range(L):
+        assert keys[layer].data_ptr() == cache.k[layer].data_ptr() and keys[layer].shape == (B, H, 6, D)
+        assert torch.equal(keys[layer], written[layer][0]) and torch.equal(values[layer], written[layer][1])
+    n = int(torch.randint(1, 12, (1,), generator=gen))
+    more_k = [torch.randn(B, H, n, D, generator=gen) for _ in range(L)]
+    more_v = [torch.randn(B, H, n, D, generator=gen) for _ in range(L)]
+    cache.extend(more_k, more_v)
+    assert cache.length == 6 + n and cache.capacity >= 6 + n
+    for layer in range(L):
+        k, v = cache.views(layer)
+        assert torch.equal(k[:, :, 6:], more_k[layer]) and torch.equal(v[:, :, :6], written[layer][1])
+        more_k[layer].fill_(0)  # copied in, not aliased
+        assert not torch.equal(k[:, :, 6:], more_k[layer])
+    other = InPlaceKVCache(L, H, D, dtype=torch.float32, capacity=2)
+    other.set_state(*cache.state)
+    assert other.length == cache.length and other.growths == 1 and other.capacity >= cache.length
+    for x, y in zip(other.state[0] + other.state[1], cache.state[0] + cache.state[1]):
+        assert torch.equal(x, y) and x.data_ptr() != y.data_ptr()
+    big = InPlaceKVCache(L, H, D, dtype=torch.float32, capacity=64)
+    fill(big, 40, gen, L, (B, H, D))
+    big.set_state(*cache.state)  # shrinks the live region; the capacity stays
+    assert big.length == cache.length and big.capacity == 64
+    assert torch.equal(big.state[1][2], cache.state[1][2])
+
+
+@pytest.mark.parametrize("bad", ["layers", "heads", "dtype", "lengths", "dims"])
+def test_extend_rejects_mismatched_kv(bad, gen):
+    L, B, H, D, n = 2, 1, 2, 4, 3
+    cache = InPlaceKVCache(L, H, D, dtype=torch.float32)
+    k = [torch.randn(B, H, n, D, generator=gen) for _ in range(L)]
+    v = [t.clone() for t in k]
+    if bad == "layers":
+        k = k[:1]
+    elif bad == "heads":
+        k[1] = torch.randn(B, H + 1, n, D)
+    elif bad == "dtype":
+        v[0] = v[0].half()
+    elif bad == "lengths":
+        v[1] = torch.randn(B, H, n + 1, D)
+    else:
+        k[0] = k[0][0]
+    fill(cache, 2, gen, L, (B, H, D))
+    for call in (cache.extend, cache.set_state):
+        with pytest.raises(ValueError, match="layers|K/V"):
+            call(k, v)
+        assert cache.length == 2  # nothing changed

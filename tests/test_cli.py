@@ -64,6 +64,7 @@ def test_repl_turns_help_and_quit(tiny_dir):
     (["--top-p", "0"], "top_p"),
     (["--dtype", "int8"], "dtype"),
     (["--device", "tpu"], "device"),
+    (["--resume", "/no/such/chat.safetensors"], "/no/such/chat.safetensors"),
 ])
 def test_user_errors_exit_cleanly_without_traceback(tiny_dir, args, message):
     full = ["--model", str(tiny_dir), "--prompt", "hi", *args]
@@ -85,3 +86,31 @@ def test_repl_survives_a_user_error(tiny_dir):
     assert result.returncode == 0
     assert "error:" in result.stderr and "max_seq_len" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_resume_of_a_foreign_or_corrupt_file_is_a_clean_error(tmp_path, tiny_dir, tiny_models):
+    """--resume refuses random bytes and a session of another model, naming the file."""
+    junk = tmp_path / "junk.safetensors"
+    junk.write_bytes(os.urandom(256))
+    other_dir, _ = tiny_models("qwen2")
+    foreign = tmp_path / "foreign.safetensors"
+    session = Engine.load(other_dir, device="cpu").session(max_new_tokens=2, temperature=0)
+    session.chat("hello")
+    session.save(foreign)
+    for path, why in [(junk, ""), (foreign, "another model")]:
+        result = fa_chat("--model", str(tiny_dir), "--resume", str(path), "--prompt", "hi")
+        assert result.returncode == 2, result.stderr
+        assert str(path) in result.stderr and why in result.stderr and "Traceback" not in result.stderr
+
+
+def test_resume_with_prompt_continues_the_saved_conversation(tmp_path, tiny_dir):
+    """One-shot --prompt on top of --resume answers as the library's resumed session does."""
+    seed = int.from_bytes(os.urandom(4), "little")
+    engine = Engine.load(tiny_dir, device="cpu")
+    session = engine.session(max_new_tokens=8, temperature=1.0, seed=seed)
+    session.chat("first question")
+    session.save(tmp_path / "s.safetensors")
+    expected = session.chat("second question")
+    result = fa_chat("--resume", str(tmp_path / "s.safetensors"), "--prompt", "second question")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == expected.text + "\n"

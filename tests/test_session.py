@@ -1,0 +1,597 @@
+"""Sessions on the tiny llama: chat turns that prefill only what is new, templates that are not
+append-only, KeyboardInterrupt anywhere (the cache stays exact), undo / reset / system, freeze / fork,
+and exact continuation after an interruption at a random step, against uninterrupted runs and Engine.generate."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import fachat
+from fachat.cache import InPlaceKVCache
+from fachat.engine.generate import prefill
+from fachat.engine.sampling import Sampler
+from fachat.models.tokenizer import Tokenizer
+
+WORDS = ["the", "quick", "fox", "jumps", "over", "lazy", "dog", "count:", "one", "two", "three", "Héllo", "wörld",
+         "return", "{'a':", "[1, 2]", "日本語", "🙂", "model", "small"]
+# greedy and sampled decoding, the latter with a repetition penalty too
+MODES = {"greedy": dict(temperature=0),
+         "sampled": dict(temperature=1.0, top_k=40, top_p=0.95),
+         "penalty": dict(temperature=0.8, min_p=0.05, repetition_penalty=1.4)}
+
+
+@pytest.fixture
+def eng(llama_engine):
+    llama_engine.tokenizer.eos_token_ids = []  # answers run to max_new_tokens: runs have known lengths
+    return llama_engine
+
+
+def words(gen, n=6) -> str:
+    return " ".join(WORDS[i] for i in torch.randint(0, len(WORDS), (n,), generator=gen).tolist())
+
+
+def randint(gen, low, high) -> int:
+    """Uniform in [low, high]."""
+    return int(torch.randint(low, high + 1, (1,), generator=gen))
+
+
+def random_prompt(eng, gen) -> list[int]:
+    """bos, then 4 to 40 random tokens."""
+    return [1] + torch.randint(3, eng.args.vocab_size, (randint(gen, 4, 40),), generator=gen).tolist()
+
+
+class Logits:
+    """Records the logits of every completed model forward (the rows that tokens are sampled from)."""
+
+    def __init__(self, model):
+        self.model, self.rows = model, []
+
+    def __enter__(self):
+        self.handle = self.model.register_forward_hook(lambda m, args, out: self.rows.append(out[0].clone()))
+        return self
+
+    def __exit__(self, *exc):
+        self.handle.remove()
+
+
+class InterruptAt:
+    """Raises KeyboardInterrupt from inside model forward number `call` (1-based), in `module`'s forward
+    hook: a decoder layer's fires before the cache advances, lm_head's after."""
+
+    def __init__(self, model, module, call: int):
+        self.model, self.module, self.call, self.calls, self.fired = model, module, call, 0, False
+
+    def __enter__(self):
+        def count(m, args):
+            self.calls += 1
+
+        def interrupt(m, args, out):
+            if self.calls == self.call and not self.fired:
+                self.fired = True
+                raise KeyboardInterrupt
+
+        self.handles = [self.model.register_forward_pre_hook(count), self.module.register_forward_hook(interrupt)]
+        return self
+
+    def __exit__(self, *exc):
+        for h in self.handles:
+            h.remove()
+
+
+def interrupt_site(eng, gen):
+    """A random place in the forward: after some decoder layer (K/V written, not committed) or lm_head
+    (the cache has advanced, the logits are lost)."""
+    layers = list(eng.model.model.layers)
+    sites = layers + [eng.model.lm_head]
+    return sites[randint(gen, 0, len(sites) - 1)]
+
+
+def assert_exact(rows, ref_rows, label):
+    assert len(rows) == len(ref_rows), f"{label}: {len(rows)} forwards vs {len(ref_rows)}"
+    for i, (x, y) in enumerate(zip(rows, ref_rows)):
+        assert torch.equal(x, y), f"{label}: logits of step {i} differ by {(x - y).abs().max():.3g}"
+
+
+def assert_cache_holds(eng, session, label=""):
+    """The invariant: at most one token is not cached, and the cached K/V are those of tokens[:length]
+    (against a fresh prefill of them: another chunking, so equal to rounding only)."""
+    cache, tokens = session.cache, session.tokens
+    assert len(tokens) - cache.length in (0, 1), f"{label}: {len(tokens)} tokens, {cache.length} cached"
+    if cache.length == 0:
+        return
+    fresh = eng.new_cache()
+    prefill(eng.model, fresh, tokens[:cache.length])
+    for layer in range(len(fresh.k)):
+        for x, y in zip(cache.views(layer), fresh.views(layer)):
+            torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-4, msg=lambda m: f"{label}: layer {layer}: {m}")
+
+
+def assert_matches_fresh(eng, context: list[int], answer: list[int], rows: list[torch.Tensor], greedy: bool, label=""):
+    """An answer's logits against a fresh engine's teacher-forced logits over the same tokens; greedy
+    tokens are the argmax of their own logits."""
+    assert len(rows) == len(answer), label
+    ref = eng.score(context + answer)[len(context) - 1: len(context) - 1 + len(answer)]
+    torch.testing.assert_close(torch.stack(rows), ref, rtol=1e-4, atol=1e-4, msg=lambda m: f"{label}: {m}")
+    if greedy:
+        assert answer == [int(r.argmax()) for r in rows], label
+
+
+def render(eng, messages) -> list[int]:
+    return eng.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+
+
+# ---------------------------------------------------------------- chat turns
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+def test_first_turn_is_engine_generate_and_later_turns_prefill_only_what_is_new(eng, mode, gen, seed):
+    n = 10
+    system, turns = words(gen, 3), [words(gen) for _ in range(3)]
+    session = eng.session(system=system, max_new_tokens=n, seed=seed, **MODES[mode])
+    messages = [{"role": "system", "content": system}]
+    fed = []
+    hook = eng.model.register_forward_pre_hook(lambda m, args: fed.append(args[0].shape[1]))
+    try:
+        for i, text in enumerate(turns):
+            before, cached_before = session.tokens, session.cache.length
+            messages.append({"role": "user", "content": text})
+            ids = render(eng, messages)
+            fed.clear()
+            with Logits(eng.model) as rec:
+                g = session.chat(text)
+            fed_now = list(fed)
+            if i == 0:  # the very path of Engine.generate: same tokens, same text
+                ref = eng.generate(messages, max_new_tokens=n, seed=seed, **MODES[mode])
+                assert (g.tokens, g.text) == (ref.tokens, ref.text), f"mode={mode}; seed={seed}"
+            # only the tokens after the first difference from the cached context are prefilled
+            keep = next((j for j, (a, b) in enumerate(zip(before, ids)) if a != b), min(len(before), len(ids)))
+            start = min(keep, cached_before, len(ids) - 1)
+            assert fed_now == [len(ids) - start] + [1] * (n - 1), f"turn {i}: fed {fed_now}; seed={seed}"
+            assert g.stats.cached_tokens == start and g.stats.prompt_tokens == len(ids)
+            if i > 0:  # the last turn's prompt is not prefilled again, bar its final "\n", which re-tokenizes
+                # together with the answer's first characters when the answer starts with whitespace
+                assert start >= len(render(eng, messages[:-2])) - 1, "the last turn's prompt was prefilled again"
+            assert session.tokens == ids + g.tokens
+            assert_matches_fresh(eng, ids, g.tokens, rec.rows, mode == "greedy", f"turn {i}; seed={seed}")
+            messages.append({"role": "assistant", "content": g.text})
+            assert session.messages == messages and session.last_generation is g
+    finally:
+        hook.remove()
+    assert_cache_holds(eng, session)
+
+
+def test_template_that_is_not_append_only(eng, gen, seed):
+    """A template whose first line counts the messages: every turn differs from the cached context right
+    there, so the cache is cut near the start and all after it is prefilled again, correctly."""
+    t = eng.tokenizer
+    counted = t.chat_template.replace("{{ bos_token }}", "{{ bos_token }}[{{ messages|length }} messages]\n", 1)
+    assert counted != t.chat_template
+    eng.tokenizer = Tokenizer(t.backend, special_tokens=t.special_tokens, chat_template=counted)
+    eng.tokenizer.eos_token_ids = []
+    session = eng.session(max_new_tokens=6, temperature=0)
+    messages = []
+    for i in range(3):
+        messages.append({"role": "user", "content": words(gen)})
+        ids = render(eng, messages)
+        before = session.tokens
+        with Logits(eng.model) as rec:
+            g = session.chat(messages[-1]["content"])
+        assert session.tokens == ids + g.tokens
+        if i:
+            assert g.stats.cached_tokens < len(before) and g.stats.cached_tokens == next(
+                j for j, (a, b) in enumerate(zip(before, ids)) if a != b)
+        assert_matches_fresh(eng, ids, g.tokens, rec.rows, True, f"turn {i}; seed={seed}")
+        messages.append({"role": "assistant", "content": g.text})
+    assert_cache_holds(eng, session)
+    session.undo()  # the last turn overwrote almost the whole cache; undo writes it back
+    assert session.messages == messages[:-2] and session.tokens == before
+    assert_cache_holds(eng, session)
+
+
+def test_answer_ended_by_eos_keeps_the_eos_in_the_context(eng, gen, seed):
+    text = words(gen)
+    free = eng.session(max_new_tokens=16, temperature=0).chat(text).tokens
+    k = next((i for i in range(2, 16) if free[i] not in free[:i]), None)
+    assert k is not None, f"greedy output repeats itself from the start: {free}; seed={seed}"
+    eng.tokenizer.eos_token_ids = [free[k]]
+    session = eng.session(max_new_tokens=16, temperature=0)
+    g = session.chat(text)
+    ids = render(eng, session.messages[:-1])
+    assert g.finish_reason == "stop" and g.tokens == free[:k]
+    assert session.tokens == ids + free[:k + 1] and session.cache.length == len(ids) + k  # eos: not fed yet
+    assert_cache_holds(eng, session)
+
+
+def test_system_prompt_change_cuts_the_cache_at_the_first_difference(eng, gen, seed):
+    session = eng.session(system="Be brief.", max_new_tokens=5, temperature=0)
+    session.chat(words(gen))
+    session.system = "Answer in French, at length."
+    text = words(gen)
+    ids = render(eng, session.messages + [{"role": "user", "content": text}])
+    assert ids[:5] == session.tokens[:5] and ids != session.tokens[:len(ids)]
+    with Logits(eng.model) as rec:
+        g = session.chat(text)
+    assert 0 < g.stats.cached_tokens < 10  # bos and the system header survive; the rest is new
+    assert session.messages[0] == {"role": "system", "content": "Answer in French, at length."}
+    assert_matches_fresh(eng, ids, g.tokens, rec.rows, True, f"seed={seed}")
+    session.system = None
+    assert session.messages[0]["role"] == "user"
+    with pytest.raises(ValueError, match="system"):
+        session.system = 5
+
+
+def test_defaults_and_overrides(eng, gen, seed):
+    session = eng.session(max_new_tokens=4, temperature=1.5, seed=seed, stop=["\u2603"])
+    assert session.params == fachat.SamplingParams(max_new_tokens=4, temperature=1.5, seed=seed, stop=("\u2603",))
+    assert len(session.chat(words(gen)).tokens) == 4
+    g = session.chat(words(gen), max_new_tokens=7, temperature=0)
+    assert len(g.tokens) == 7 and session.params.temperature == 1.5  # overrides are for that call only
+    # a seed given to one call reseeds the session's RNG: two sessions agree from there on
+    a, b = eng.session(max_new_tokens=6, temperature=2.0, seed=1), eng.session(max_new_tokens=6, temperature=2.0)
+    text = words(gen)
+    assert a.chat(text, seed=seed).tokens == b.chat(text, seed=seed).tokens
+    assert a.chat(text).tokens == b.chat(text).tokens
+    with pytest.raises(TypeError, match="temp"):
+        session.chat("x", temp=1)
+    with pytest.raises(ValueError, match="top_p"):
+        session.chat("x", top_p=0)
+    with pytest.raises(ValueError, match="temperature"):
+        eng.session(temperature=-1)
+    with pytest.raises(ValueError, match="message"):
+        session.chat(["not", "a", "str"])
+
+
+def test_context_full_raises_and_changes_nothing(tiny_llama, gen, seed):
+    eng = fachat.Engine.load(tiny_llama[0], device="cpu", dtype="float32", max_seq_len=64)
+    eng.tokenizer.eos_token_ids = []
+    session = eng.session(max_new_tokens=100, temperature=0)
+    g = session.chat(words(gen))
+    assert g.finish_reason == "length" and len(session.tokens) == 64  # prompt + answer fill the context
+    before, cached = session.tokens, session.cache.length
+    with pytest.raises(fachat.ContextLengthError, match="max_seq_len"):
+        session.chat(words(gen))
+    with pytest.raises(fachat.ContextLengthError):
+        session.generate()
+    assert session.tokens == before and session.cache.length == cached and len(session.messages) == 2
+    session.undo()
+    assert session.tokens == [] and session.messages == []
+
+
+# ---------------------------------------------------------------- streams that end early
+
+
+def test_closed_stream_keeps_the_partial_answer_and_an_unstarted_one_changes_nothing(eng, gen, seed):
+    n = 40
+    session = eng.session(max_new_tokens=n, temperature=1.0, seed=seed)
+    session.chat(words(gen))
+    tokens, messages = session.tokens, session.messages
+    unstarted = session.stream_chat(words(gen))
+    session.append([5, 6, 7])  # ends the unstarted stream: it never ran
+    assert session.tokens == tokens + [5, 6, 7] and session.messages == messages
+    with pytest.raises(StopIteration):
+        next(unstarted)
+    text = words(gen)
+    stream = session.stream_chat(text)
+    piece = next(stream)  # random weights emit much invalid UTF-8, held back: a piece may take some tokens
+    stream.close()
+    g = stream.generation
+    assert g.finish_reason == "interrupted" and g.text.startswith(piece) and 0 < len(g.tokens) < n, f"seed={seed}"
+    assert session.messages[-2:] == [{"role": "user", "content": text}, {"role": "assistant", "content": g.text}]
+    assert session.tokens[-len(g.tokens):] == g.tokens
+    assert_cache_holds(eng, session)
+    # a stream left open (a KeyboardInterrupt in the loop over it) is ended by the next call
+    stream = session.stream_chat(words(gen))
+    next(stream)
+    n = len(session.messages)
+    session.freeze()
+    assert len(session.messages) == n + 2 and stream.generation.finish_reason == "interrupted"
+
+
+@pytest.mark.parametrize("where,phase", [("layer", "prefill"), ("layer", "decode"), ("lm_head", "prefill"),
+                                         ("lm_head", "decode"), ("consumer", "decode")])
+def test_keyboard_interrupt_anywhere_keeps_the_session_consistent(eng, where, phase, gen, seed):
+    """Ctrl-C inside a random forward of an answer (prefill included), or in the loop over the stream:
+    at most one token is uncached, the cache is exact, the partial answer joins the conversation, the
+    tokens so far are the uninterrupted run's, and the next chat matches a fresh engine."""
+    n = 12
+    session = eng.session(system=words(gen, 2), max_new_tokens=n, temperature=0)
+    session.chat(words(gen))
+    unbroken = session.fork()
+    text = words(gen)
+    pieces = len(list(unbroken.stream_chat(text)))
+    full = unbroken.last_generation.tokens
+    # model forward number `call` of the answer (1 is the prefill), or the stream's piece number `call`
+    if where == "consumer":
+        call = randint(gen, 1, max(pieces - 1, 1))
+    else:
+        call = 1 if phase == "prefill" else randint(gen, 2, n)
+    stream = session.stream_chat(text)
+    if where == "consumer":
+        with pytest.raises(KeyboardInterrupt):
+            for i, _ in enumerate(stream):
+                if i + 1 == call:
+                    raise KeyboardInterrupt
+        stream.close()  # what a CLI does after catching it
+    else:
+        site = eng.model.model.layers[randint(gen, 0, 1)] if where == "layer" else eng.model.lm_head
+        with InterruptAt(eng.model, site, call) as interrupt, pytest.raises(KeyboardInterrupt):
+            for _ in stream:
+                pass
+        assert interrupt.fired
+    label = f"{where} at forward {call}; seed={seed}"
+    assert_cache_holds(eng, session, label)
+    g = stream.generation
+    assert g.finish_reason == "interrupted" and len(g.tokens) <= n, label
+    assert session.messages[-1] == {"role": "assistant", "content": g.text}, label
+    assert g.tokens == full[:len(g.tokens)], label
+    answer = session.tokens[len(session.tokens) - len(g.tokens):] if g.tokens else []
+    assert answer == g.tokens, label
+    # the conversation goes on, and matches a fresh engine on the same tokens
+    text = words(gen)
+    ids = render(eng, session.messages + [{"role": "user", "content": text}])
+    with Logits(eng.model) as rec:
+        g = session.chat(text)
+    assert session.tokens == ids + g.tokens
+    assert_matches_fresh(eng, ids, g.tokens, rec.rows, True, label)
+    assert_cache_holds(eng, session, label)
+
+
+# ---------------------------------------------------------------- exact continuation
+
+
+@pytest.mark.parametrize("how", ["freeze", "interrupt"])
+@pytest.mark.parametrize("mode", list(MODES))
+def test_raw_generation_interrupted_at_a_random_step_continues_exactly(eng, mode, how, gen, seed):
+    """Stop after a random number of tokens, by freeze -> unfreeze into another session, or by a
+    KeyboardInterrupt inside a random forward; continue: tokens and every logit equal the unbroken run's."""
+    n, prompt = 24, random_prompt(eng, gen)
+    whole = eng.session(max_new_tokens=n, seed=seed, **MODES[mode])
+    whole.append(prompt)
+    with Logits(eng.model) as ref:
+        whole.generate()
+    k = randint(gen, 0, n - 1)
+    part = eng.session(max_new_tokens=n, seed=seed, **MODES[mode])
+    part.append(prompt)
+    with Logits(eng.model) as before:
+        if how == "freeze":
+            if k:
+                part.generate(max_new_tokens=k)
+            snapshot = part.freeze()
+            part.generate(max_new_tokens=3)  # moves on; the snapshot is unaffected
+            other = eng.session(max_new_tokens=1, temperature=0.3)  # unfreeze restores settings and RNG too
+            other.unfreeze(snapshot)
+            del before.rows[k:]
+        else:
+            with InterruptAt(eng.model, interrupt_site(eng, gen), k + 1), pytest.raises(KeyboardInterrupt):
+                part.generate()
+            other = part
+    label = f"mode={mode} {how} after {k} tokens; seed={seed}"
+    assert_cache_holds(eng, other, label)
+    assert other.params == whole.params and len(other.tokens) - len(prompt) == k, label
+    with Logits(eng.model) as after:
+        other.generate(max_new_tokens=n - k)
+    assert other.tokens == whole.tokens, label
+    assert_exact(before.rows + after.rows, ref.rows, label)
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+def test_two_halves_equal_one_go(eng, mode, gen, seed):
+    """A chat answer cut at a random length, then continued with generate: Engine.generate's tokens and
+    logits, bit for bit."""
+    n = 20
+    messages = [{"role": "user", "content": words(gen)}]
+    with Logits(eng.model) as ref:
+        one = eng.generate(messages, max_new_tokens=n, seed=seed, **MODES[mode])
+    k = randint(gen, 1, n - 1)
+    session = eng.session(max_new_tokens=n, seed=seed, **MODES[mode])
+    with Logits(eng.model) as rec:
+        first = session.chat(messages[0]["content"], max_new_tokens=k)
+        second = session.generate(max_new_tokens=n - k)
+    assert first.tokens + second.tokens == one.tokens, f"mode={mode} k={k}; seed={seed}"
+    assert_exact(rec.rows, ref.rows, f"mode={mode} k={k}; seed={seed}")
+    # only the pending token was fed
+    assert second.stats.prompt_tokens - 1 == second.stats.cached_tokens == first.stats.prompt_tokens + k - 1
+
+
+def test_chat_frozen_between_turns_continues_exactly(eng, gen, seed):
+    turns = [words(gen) for _ in range(4)]
+    params = dict(max_new_tokens=8, seed=seed, **MODES["penalty"])
+    whole = eng.session(system=words(gen, 3), **params)
+    with Logits(eng.model) as ref:
+        for t in turns:
+            whole.chat(t)
+    j = randint(gen, 0, len(turns) - 1)
+    part = eng.session(system=whole.system, **params)
+    with Logits(eng.model) as rec:
+        for t in turns[:j]:
+            part.chat(t)
+        snapshot = part.freeze()
+        part.chat("something else")
+        part.unfreeze(snapshot)
+        del rec.rows[-8:]
+        for t in turns[j:]:
+            part.chat(t)
+    assert part.tokens == whole.tokens and part.messages == whole.messages, f"j={j}; seed={seed}"
+    assert_exact(rec.rows, ref.rows, f"j={j}; seed={seed}")
+
+
+def test_repetition_penalty_counts_the_whole_context(eng, gen, seed, monkeypatch):
+    """At every draw the penalised tokens are exactly the context's (prompt, earlier turns, the answer so
+    far), also in a call that continues a previous one and after unfreeze into another session."""
+    checks, current = [], []
+    real = Sampler.__call__
+
+    def checking_call(self, logits):
+        checks.append(set(self.seen.nonzero().flatten().tolist()) == set(current[-1].tokens))
+        return real(self, logits)
+
+    monkeypatch.setattr(Sampler, "__call__", checking_call)
+    session = eng.session(max_new_tokens=5, temperature=0.7, repetition_penalty=1.3, seed=seed)
+    current.append(session)
+    session.chat(words(gen))
+    session.chat(words(gen))
+    session.append(random_prompt(eng, gen)[1:])
+    session.generate()
+    session.generate(max_new_tokens=2)
+    other = eng.session()
+    other.unfreeze(session.freeze())
+    current.append(other)
+    other.generate()
+    assert len(checks) == 5 + 5 + 5 + 2 + 5 and all(checks), f"{checks}; seed={seed}"
+
+
+# ---------------------------------------------------------------- undo, reset
+
+
+def test_undo_puts_back_exactly_the_state_before_the_turn(eng, gen, seed):
+    session = eng.session(system=words(gen, 2), max_new_tokens=7, temperature=1.0, seed=seed)
+    session.chat(words(gen))
+    before = session.freeze()
+    session.chat(words(gen))
+    session.chat(words(gen))
+    session.undo()
+    session.undo()
+    assert session.tokens == list(before.tokens) and session.messages[1:] == [
+        {"role": r, "content": c} for r, c in before.conversation]
+    assert session.cache.length == before.keys[0].shape[2]
+    for k, v, k0, v0 in zip(*session.cache.state, before.keys, before.values):
+        assert torch.equal(k, k0) and torch.equal(v, v0)  # written back, not recomputed
+    # and an undone-then-repeated turn is the turn an unbroken session would have had
+    text = words(gen)
+    twin = eng.session()
+    twin.unfreeze(before)
+    assert session.chat(text, seed=seed).tokens == twin.chat(text, seed=seed).tokens
+    assert session.tokens == twin.tokens
+    session.undo()
+    session.undo()
+    assert session.messages == [{"role": "system", "content": session.system}] and session.tokens == []
+    with pytest.raises(ValueError, match="nothing to undo"):
+        session.undo()
+
+
+def test_undo_after_an_interrupted_turn(eng, gen, seed):
+    session = eng.session(max_new_tokens=10, temperature=0)
+    session.chat(words(gen))
+    before = session.tokens
+    with InterruptAt(eng.model, interrupt_site(eng, gen), randint(gen, 1, 10)), pytest.raises(KeyboardInterrupt):
+        session.chat(words(gen))
+    session.undo()
+    assert session.tokens == before and len(session.messages) == 2
+    assert_cache_holds(eng, session)
+
+
+def test_reset_keeps_the_system_prompt_and_answers_as_a_new_session(eng, gen, seed):
+    system = words(gen, 8)
+    session = eng.session(system=system, max_new_tokens=6, temperature=1.0, seed=seed)
+    session.chat(words(gen))
+    session.chat(words(gen))
+    session.reset()
+    assert session.messages == [{"role": "system", "content": system}]
+    prefix = eng.tokenizer.apply_chat_template(session.messages, add_generation_prompt=False)
+    assert session.tokens == prefix and session.cache.length == len(prefix)  # the system prompt's K/V stay
+    assert_cache_holds(eng, session)
+    with pytest.raises(ValueError, match="nothing to undo"):
+        session.undo()
+    # reseeded: it answers as a new session does (the same draws; logits equal to rounding)
+    text = words(gen)
+    fresh = eng.session(system=system, max_new_tokens=6, temperature=1.0, seed=seed)
+    with Logits(eng.model) as rec:
+        g = session.chat(text)
+    assert g.tokens == fresh.chat(text).tokens and g.stats.cached_tokens == len(prefix), f"seed={seed}"
+    assert_matches_fresh(eng, render(eng, session.messages[:-1]), g.tokens, rec.rows, False, f"seed={seed}")
+    empty = eng.session()
+    empty.reset()  # nothing to clear
+    assert empty.tokens == [] and empty.messages == []
+
+
+# ---------------------------------------------------------------- append / generate
+
+
+def test_append_and_generate(eng, gen, seed):
+    session = eng.session(max_new_tokens=5, temperature=0)
+    with pytest.raises(ValueError, match="empty"):
+        session.generate()
+    session.append("the quick fox")
+    assert session.tokens == eng.encode_prompt("the quick fox")  # bos at the start, as generate adds it
+    assert session.cache.length == len(session.tokens) - 1  # the last token waits for generate
+    session.append(" jumps")
+    assert session.tokens[-len(eng.tokenizer.encode(" jumps")):] == eng.tokenizer.encode(" jumps")
+    ids = random_prompt(eng, gen)[1:]
+    session.append(torch.tensor(ids))
+    g = session.generate()
+    assert session.tokens[-5 - len(ids):] == ids + g.tokens and session.messages == []
+    assert_cache_holds(eng, session)
+    for bad, match in (([], "empty"), ("", "empty"), ([eng.args.vocab_size], "token ids"), (5, "append"),
+                       ([1.5], "token ids")):
+        with pytest.raises(ValueError, match=match):
+            session.append(bad)
+    with pytest.raises(fachat.ContextLengthError):
+        session.append([5] * eng.max_seq_len)
+    assert_cache_holds(eng, session)
+
+
+# ---------------------------------------------------------------- freeze, fork
+
+
+def test_fork_is_independent_and_never_aliases(eng, gen, seed):
+    session = eng.session(system=words(gen, 2), max_new_tokens=6, temperature=1.0, seed=seed)
+    session.chat(words(gen))
+    child = session.fork()
+    assert child.tokens == session.tokens and child.messages == session.messages
+    parent_ptrs = {t.untyped_storage().data_ptr() for t in session.cache.k + session.cache.v}
+    assert not parent_ptrs & {t.untyped_storage().data_ptr() for t in child.cache.k + child.cache.v}
+    text = words(gen)
+    with Logits(eng.model) as a:
+        ga = session.chat(text)
+    frozen = session.freeze()
+    with Logits(eng.model) as b:
+        gb = child.chat(text)  # same state, same RNG: the same answer, bit for bit
+    assert ga.tokens == gb.tokens
+    assert_exact(b.rows, a.rows, f"seed={seed}")
+    child.chat(words(gen))
+    child.cache.k[0].fill_(7.0)  # scribble over the child's buffers
+    child.cache.v[-1].fill_(-7.0)
+    assert session.tokens == list(frozen.tokens)
+    for k, v, k0, v0 in zip(*session.cache.state, frozen.keys, frozen.values):
+        assert torch.equal(k, k0) and torch.equal(v, v0), "the fork's writes reached the parent"
+    assert_cache_holds(eng, session)
+
+
+def test_snapshot_and_fork_cost_the_context_not_the_capacity(tiny_llama, gen, seed, monkeypatch):
+    prompt = [1] + torch.randint(3, 300, (randint(gen, 20, 60),), generator=gen).tolist()
+    held, copied = [], []
+    real_write = InPlaceKVCache.write
+
+    def counting_write(self, layer, start, k, v):
+        copied[-1] += k.nbytes + v.nbytes
+        return real_write(self, layer, start, k, v)
+
+    monkeypatch.setattr(InPlaceKVCache, "write", counting_write)
+    for max_seq_len in (128, 512):
+        eng = fachat.Engine.load(tiny_llama[0], device="cpu", dtype="float32", max_seq_len=max_seq_len)
+        session = eng.session(max_new_tokens=4, temperature=0)
+        copied.append(0)
+        session.append(prompt)
+        session.generate()
+        live = session.cache.live_nbytes
+        assert session.cache.capacity == max_seq_len and live < session.cache.nbytes
+        snapshot = session.freeze()
+        assert snapshot.nbytes == live
+        assert all(t.untyped_storage().nbytes() == t.nbytes for t in snapshot.keys + snapshot.values)
+        copied[-1] = 0
+        session.fork()
+        assert copied[-1] == live, f"fork copied {copied[-1]} bytes for {live} live; seed={seed}"
+        copied[-1] = 0
+        session.unfreeze(snapshot)
+        assert copied[-1] == live
+        held.append(snapshot.nbytes)
+    assert held[0] == held[1]
+
+
+def test_unfreeze_rejects_foreign_snapshots(eng, tiny_llama):
+    other = fachat.Engine.load(tiny_llama[0], device="cpu", dtype="float32")
+    snapshot = other.session().freeze()
+    with pytest.raises(ValueError, match="another engine"):
+        eng.session().unfreeze(snapshot)
+    with pytest.raises(ValueError, match="Snapshot"):
+        eng.session().unfreeze({"tokens": []})
