@@ -114,3 +114,13 @@ def test_resume_with_prompt_continues_the_saved_conversation(tmp_path, tiny_dir)
     result = fa_chat("--resume", str(tmp_path / "s.safetensors"), "--prompt", "second question")
     assert result.returncode == 0, result.stderr
     assert result.stdout == expected.text + "\n"
+
+
+def test_full_context_ends_the_answer_with_a_pointer_to_reset(smollm2_gguf_path):
+    """A story asked for in a 64-token context: the answer stops at the limit, says so, and the REPL
+    still takes commands."""
+    result = fa_chat("--model", str(smollm2_gguf_path), "--max-seq-len", "64", "--max-tokens", "500",
+                     "--temperature", "0", stdin="Write a long story about a dragon.\n/stats\n")
+    assert result.returncode == 0, result.stderr
+    assert "context full: 64 tokens" in result.stderr and "/reset" in result.stderr
+    assert "context: 64 tokens of 64" in result.stdout
