@@ -1,7 +1,9 @@
 """The one place that picks an attention backend for a device, dtype and head_dim."""
 from __future__ import annotations
 
+import importlib
 import os
+from functools import cache
 from types import ModuleType
 
 import torch
@@ -9,16 +11,54 @@ import torch
 from fachat.kernels import reference
 
 BACKEND_ENV = "FACHAT_ATTENTION_BACKEND"
+# "triton" joins on first use (see _triton): fachat must import where triton is not installed.
 BACKENDS: dict[str, ModuleType] = {"reference": reference}
+NAMES = ("auto", "reference", "triton")
+TRITON_HEAD_DIMS = (64, 128, 256)
+TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+@cache
+def _triton() -> ModuleType | str:
+    """The triton backend module, registered in BACKENDS; or why it does not import."""
+    try:
+        module = importlib.import_module("fachat.kernels.triton")
+    except ImportError as e:
+        return f"triton does not import ({e})"
+    BACKENDS["triton"] = module
+    return module
+
+
+def _triton_unfit(device: torch.device, dtype: torch.dtype, head_dim: int) -> str | None:
+    """Why the triton backend cannot run these arguments, or None if it can."""
+    if head_dim not in TRITON_HEAD_DIMS:
+        return f"head_dim {head_dim} is not one of {TRITON_HEAD_DIMS}"
+    if dtype not in TRITON_DTYPES:
+        return f"dtype {dtype} is not float16, bfloat16 or float32"
+    if device.type not in ("cuda", "cpu"):
+        return f"device {device} is neither CUDA nor CPU"
+    module = _triton()
+    if isinstance(module, str):
+        return module
+    if device.type == "cpu" and not module.INTERPRET:
+        return "CPU tensors need Triton's interpreter: set TRITON_INTERPRET=1 before fachat.kernels.triton is imported"
+    return None
 
 
 def select_backend(device: torch.device | str, dtype: torch.dtype, head_dim: int, backend: str | None = None) -> str:
-    """Name of the backend to run: `backend`, else $FACHAT_ATTENTION_BACKEND, else the best for the device."""
+    """Name of the backend to run: `backend`, else $FACHAT_ATTENTION_BACKEND, else "auto": triton on CUDA
+    where it fits (head_dim, dtype, triton installed), otherwise the torch reference."""
     name = backend or os.environ.get(BACKEND_ENV) or "auto"
+    if name not in NAMES:
+        raise ValueError(f"backend {name!r} is not available; choose from: {', '.join(NAMES)}")
+    device = torch.device(device)
     if name == "auto":
-        return "reference"
-    if name not in BACKENDS:
-        raise ValueError(f"backend {name!r} is not available; choose from: auto, {', '.join(BACKENDS)}")
+        fits = device.type == "cuda" and _triton_unfit(device, dtype, head_dim) is None
+        return "triton" if fits else "reference"
+    if name == "triton":
+        why = _triton_unfit(device, dtype, head_dim)
+        if why is not None:
+            raise ValueError(f"attention backend 'triton' cannot run here: {why}")
     return name
 
 

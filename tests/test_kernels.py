@@ -2,6 +2,10 @@
 from __future__ import annotations
 
 import math
+import os
+import subprocess
+import sys
+import textwrap
 
 import pytest
 import torch
@@ -292,3 +296,62 @@ def test_backend_from_environment(monkeypatch, gen, seed):
     monkeypatch.setenv(BACKEND_ENV, "bogus-backend")
     with pytest.raises(ValueError, match="bogus-backend"):
         fachat.decode_attention(q[:, :, -1], k, v, 20)
+
+
+def test_auto_backend_choice(monkeypatch):
+    """auto: triton on CUDA for the head dims and dtypes it covers (where triton imports), else the reference."""
+    from fachat.kernels.dispatch import BACKENDS, select_backend
+
+    monkeypatch.delenv(BACKEND_ENV, raising=False)
+    try:
+        import fachat.kernels.triton  # noqa: F401
+        gpu = "triton"
+    except ImportError:
+        gpu = "reference"
+    for dtype in (torch.float16, torch.bfloat16, torch.float32):
+        for D in (64, 128, 256):
+            assert select_backend("cuda", dtype, D) == gpu
+            assert select_backend("cpu", dtype, D) == "reference"
+            assert select_backend("cuda", dtype, D, backend="reference") == "reference"
+    assert gpu in BACKENDS
+    assert select_backend("cuda", torch.bfloat16, 32) == "reference"
+    assert select_backend("cuda", torch.float64, 64) == "reference"
+    monkeypatch.setenv(BACKEND_ENV, "reference")
+    assert select_backend("cuda", torch.bfloat16, 128) == "reference"
+
+
+@pytest.mark.parametrize("D,dtype,match", [(32, torch.float32, "head_dim 32"), (64, torch.float64, "float64")])
+def test_triton_backend_refuses_what_it_does_not_cover(D, dtype, match):
+    from fachat.kernels.dispatch import select_backend
+
+    with pytest.raises(ValueError, match=match):
+        select_backend("cuda", dtype, D, backend="triton")
+
+
+@pytest.mark.parametrize("case", ["no-triton", "cpu-without-interpreter"])
+def test_triton_backend_where_it_cannot_run(case):
+    """In a fresh interpreter: fachat imports without triton, auto falls back to the reference, and
+    asking for triton explicitly is a ValueError that says why."""
+    if case == "cpu-without-interpreter":
+        pytest.importorskip("triton", reason="needs triton installed, to show the interpreter is what is missing")
+    script = textwrap.dedent("""
+        import sys
+        if sys.argv[1] == 'no-triton':
+            sys.modules['triton'] = None  # import triton now raises ImportError
+        import torch, fachat
+        from fachat.kernels.dispatch import select_backend
+        assert select_backend('cuda', torch.bfloat16, 128) == ('reference' if sys.argv[1] == 'no-triton' else 'triton')
+        try:
+            fachat.decode_attention(torch.randn(1, 2, 64), torch.randn(1, 1, 8, 64), torch.randn(1, 1, 8, 64), 8,
+                                    backend='triton')
+        except ValueError as e:
+            print(e)
+        else:
+            raise SystemExit('no ValueError')
+    """)
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", BACKEND_ENV)}
+    run = subprocess.run([sys.executable, "-c", script, case], capture_output=True, text=True, env=env,
+                         timeout=120)
+    assert run.returncode == 0, run.stderr
+    expected = "triton does not import" if case == "no-triton" else "TRITON_INTERPRET=1"
+    assert "attention backend 'triton' cannot run here" in run.stdout and expected in run.stdout, run.stdout

@@ -1,0 +1,291 @@
+"""The triton attention kernels against torch's scaled_dot_product_attention, on one CUDA GPU.
+
+    python benchmarks/kernels.py [--out benchmarks/results/kernels_h100.json] [--sweep] [--profile]
+
+GPU time: a CUDA graph of many calls, each on another of several input sets (so that L2 never holds
+the set a call reads), replayed and timed with events; the median over replays, per call. It leaves
+out the host's launch overhead, which "eager µs" shows: wall time per call of back-to-back calls
+without a graph, as an engine without graphs sees it. do_bench µs is triton.testing.do_bench (a 256 MB
+memset before each call to flush L2, events around the call); on an H100 it reads 12-14 µs above the
+graph's time for either side, likely the write-back of L2 lines the memset leaves dirty (not verified).
+Decode: batch 1, 32 query heads over 8 KV heads, head_dim 128, bf16, T from 1k to 128k; GB/s of K/V
+read, and that as a fraction of the device-to-device copy bandwidth measured in the same run (bytes
+read + written).
+Prefill: causal at L = 2k, 8k, 32k, and a 512-token chunk onto 8k of cached past (SDPA with an explicit
+bottom-right mask), in TFLOP/s (4 * heads * head_dim * visible query-key pairs).
+--sweep times alternative block configurations; --profile prints torch.profiler's kernel table.
+Prints a table; writes JSON and a PNG beside it.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+import triton
+from triton.testing import do_bench
+
+from fachat.kernels.triton import decode, prefill
+
+HQ, HKV, D, DTYPE = 32, 8, 128, torch.bfloat16
+DECODE_T = [1024, 2048, 4096, 8192, 16384, 32768, 65536, 131072]
+PREFILL = [("causal", 2048, 0), ("causal", 8192, 0), ("causal", 32768, 0), ("chunk", 512, 8192)]
+L2_BYTES = 50 * 2**20  # an H100's
+
+
+def bench_us(fn) -> float:
+    return do_bench(fn, warmup=100, rep=400, return_mode="median") * 1e3
+
+
+def gpu_us(calls: list, calls_per_graph: int = 64, replays: int = 15) -> float:
+    """Median GPU µs per call of a CUDA graph that runs `calls` round robin (one per input set)."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):  # compile and warm up outside the capture
+        for fn in calls:
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for i in range(calls_per_graph):
+            calls[i % len(calls)]()
+    graph.replay()
+    times = []
+    for _ in range(replays):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) * 1e3 / calls_per_graph)
+    return sorted(times)[len(times) // 2]
+
+
+def sets_for(nbytes: int) -> int:
+    """Input sets to rotate through so that none is still in L2 when its turn comes again."""
+    return max(2, -(-3 * L2_BYTES // nbytes))
+
+
+def eager_us(fn, n: int = 200) -> float:
+    """Wall µs per call of n back-to-back calls: the host's launch overhead where it exceeds the GPU's time."""
+    fn()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(n):
+        fn()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - t0) / n * 1e6
+
+
+def copy_bandwidth() -> float:
+    """GB/s of a 2 GiB device-to-device copy, counting bytes read and written."""
+    src = torch.randn(2**29, device="cuda")  # 2 GiB of float32
+    dst = torch.empty_like(src)
+    us = bench_us(lambda: dst.copy_(src))
+    return 2 * src.nbytes / us / 1e3
+
+
+def rel_err(a, b) -> float:
+    return ((a.float() - b.float()).abs().max() / b.float().abs().max()).item()
+
+
+def decode_inputs(T: int):
+    q = torch.randn(1, HQ, D, device="cuda", dtype=DTYPE)
+    k = torch.randn(1, HKV, T, D, device="cuda", dtype=DTYPE)
+    v = torch.randn(1, HKV, T, D, device="cuda", dtype=DTYPE)
+    return q, k, v
+
+
+def prefill_inputs(L: int, past: int, d: int = D):
+    n = L + past
+    q = torch.randn(1, HQ, L, d, device="cuda", dtype=DTYPE)
+    k = torch.randn(1, HKV, n, d, device="cuda", dtype=DTYPE)
+    v = torch.randn(1, HKV, n, d, device="cuda", dtype=DTYPE)
+    return q, k, v
+
+
+def bench_decode(T: int, copy_gbps: float, sms: int) -> dict:
+    ins = [decode_inputs(T) for _ in range(sets_for(2 * HKV * T * D * DTYPE.itemsize))]
+    ours = [lambda q=q, k=k, v=v: decode.decode_attention(q, k, v, T) for q, k, v in ins]
+    sdpa = [lambda q=q, k=k, v=v: F.scaled_dot_product_attention(q[:, :, None], k, v, enable_gqa=True)
+            for q, k, v in ins]
+    gb = 2 * HKV * T * D * DTYPE.itemsize / 1e9
+    row = {"T": T, "kv_MB": gb * 1e3, "sets": len(ins),
+           "partitions": decode.split(T, HKV, sms, decode.config(D, DTYPE))[1],
+           "err": rel_err(ours[0](), sdpa[0]()[:, :, 0])}
+    for name, fns in (("triton", ours), ("sdpa", sdpa)):
+        us = gpu_us(fns)
+        row |= {f"{name}_us": us, f"{name}_GBps": gb / us * 1e6, f"{name}_frac": gb / us * 1e6 / copy_gbps,
+                f"{name}_do_bench_us": bench_us(fns[0]), f"{name}_eager_us": eager_us(fns[0])}
+    return row
+
+
+def prefill_flops(L: int, past: int) -> int:
+    return 4 * HQ * D * (L * past + L * (L + 1) // 2)  # visible (query, key) pairs
+
+
+def bench_prefill(kind: str, L: int, past: int) -> dict:
+    n = L + past
+    ins = [prefill_inputs(L, past) for _ in range(sets_for((HQ * L + 2 * HKV * n) * D * DTYPE.itemsize))]
+    ours = [lambda q=q, k=k, v=v: prefill.prefill_attention(q, k, v, n) for q, k, v in ins]
+    if past:  # SDPA's is_causal is top-left aligned: the chunk needs an explicit bottom-right mask
+        mask = torch.arange(n, device="cuda")[None, :] <= torch.arange(past, n, device="cuda")[:, None]
+        sdpa = [lambda q=q, k=k, v=v: F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+                for q, k, v in ins]
+    else:
+        sdpa = [lambda q=q, k=k, v=v: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+                for q, k, v in ins]
+    row = {"case": kind, "L": L, "past": past, "err": rel_err(ours[0](), sdpa[0]())}
+    for name, fns in (("triton", ours), ("sdpa", sdpa)):
+        us = gpu_us(fns, calls_per_graph=max(len(fns), 8), replays=5)
+        row |= {f"{name}_us": us, f"{name}_TFLOPs": prefill_flops(L, past) / us / 1e6,
+                f"{name}_do_bench_us": bench_us(fns[0])}
+    row["ratio"] = row["triton_TFLOPs"] / row["sdpa_TFLOPs"]
+    return row
+
+
+def sweep() -> list[dict]:
+    """Alternative block configurations of the triton kernels alone (GPU µs); the defaults are marked."""
+    def time_cfg(calls):
+        try:
+            return gpu_us(calls, calls_per_graph=max(len(calls), 16), replays=5)
+        except (triton.runtime.errors.OutOfResources, triton.compiler.errors.CompilationError) as e:
+            return type(e).__name__
+
+    rows = []
+    base = decode.config(D, DTYPE)
+    cfgs = [decode.DecodeConfig(64, 4, st, pps, mp) for st in (3, 4) for pps in (1, 2, 3) for mp in (64, 128)]
+    inputs = {T: [decode_inputs(T) for _ in range(sets_for(2 * HKV * T * D * DTYPE.itemsize))]
+              for T in (1024, 2048, 16384, 131072)}
+    for cfg in cfgs:
+        us = {T: time_cfg([lambda q=q, k=k, v=v, T=T, cfg=cfg: decode.decode_attention(q, k, v, T, cfg=cfg)
+                           for q, k, v in ins])
+              for T, ins in inputs.items()}
+        rows.append({"kernel": "decode", "cfg": cfg.__dict__, "default": cfg == base, "us": us})
+        print(rows[-1], flush=True)
+    del inputs
+    for d in (D, 64):  # the benchmark's head_dim, and SmolLM2's
+        pbase = prefill.config(d, DTYPE)
+        inputs = {(L, past): [prefill_inputs(L, past, d)] for _, L, past in PREFILL[1:]}
+        for bm, bn, w, st in [(128, 64, 8, 3), (128, 64, 8, 4), (128, 128, 8, 3), (128, 64, 4, 3), (64, 64, 4, 3)]:
+            cfg = prefill.PrefillConfig(bm, bn, w, st)
+            res = {}
+            for (L, past), ins in inputs.items():
+                us = time_cfg([lambda q=q, k=k, v=v, n=L + past, c=cfg: prefill.prefill_attention(q, k, v, n, cfg=c)
+                               for q, k, v in ins])
+                res[f"L={L} past={past}"] = us if isinstance(us, str) else prefill_flops(L, past) * d // D / us / 1e6
+            rows.append({"kernel": f"prefill D={d}", "cfg": cfg.__dict__, "default": cfg == pbase, "TFLOPs": res})
+            print(rows[-1], flush=True)
+    return rows
+
+
+def profile() -> None:
+    from torch.profiler import ProfilerActivity, profile as torch_profile
+
+    for T in (1024, 16384, 131072):
+        ins = [decode_inputs(T) for _ in range(sets_for(2 * HKV * T * D * DTYPE.itemsize))]
+        for q, k, v in ins:
+            decode.decode_attention(q, k, v, T)
+        with torch_profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for i in range(40):
+                q, k, v = ins[i % len(ins)]
+                decode.decode_attention(q, k, v, T)
+                F.scaled_dot_product_attention(q[:, :, None], k, v, enable_gqa=True)
+            torch.cuda.synchronize()
+        print(f"decode T={T}\n" + prof.key_averages().table(sort_by="cuda_time_total", row_limit=8))
+    for kind, L, past in PREFILL[1:]:
+        n = L + past
+        q, k, v = prefill_inputs(L, past)
+        prefill.prefill_attention(q, k, v, n)
+        with torch_profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(5):
+                prefill.prefill_attention(q, k, v, n)
+                if not past:
+                    F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+            torch.cuda.synchronize()
+        print(f"prefill {kind} L={L} past={past}\n" + prof.key_averages().table(sort_by="cuda_time_total",
+                                                                             row_limit=6))
+
+
+def plot(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (a, b) = plt.subplots(1, 2, figsize=(12, 4.5))
+    dec = result["decode"]
+    Ts = [r["T"] for r in dec]
+    for name in ("triton", "sdpa"):
+        a.plot(Ts, [r[f"{name}_GBps"] for r in dec], marker="o", label=name)
+    a.axhline(result["copy_GBps"], color="gray", ls="--", label="device copy")
+    a.axhline(0.85 * result["copy_GBps"], color="gray", ls=":", label="85% of copy")
+    a.set_xscale("log", base=2)
+    a.set_xlabel("T (keys)")
+    a.set_ylabel("GB/s of K/V read")
+    a.set_title(f"decode: B=1, {HQ}q/{HKV}kv heads, D={D}, bf16")
+    a.legend()
+    pre = result["prefill"]
+    x = range(len(pre))
+    b.bar([i - 0.2 for i in x], [r["triton_TFLOPs"] for r in pre], width=0.4, label="triton")
+    b.bar([i + 0.2 for i in x], [r["sdpa_TFLOPs"] for r in pre], width=0.4, label="sdpa")
+    b.set_xticks(list(x), [f"{r['case']} {r['L']}" + (f"+{r['past']}" if r["past"] else "") for r in pre])
+    b.set_ylabel("TFLOP/s")
+    b.set_title("prefill, causal (bottom-right)")
+    b.legend()
+    fig.suptitle(result["device"])
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default="benchmarks/results/kernels_h100.json")
+    ap.add_argument("--sweep", action="store_true", help="also time alternative block configurations")
+    ap.add_argument("--profile", action="store_true", help="also print torch.profiler kernel tables")
+    args = ap.parse_args()
+    torch.manual_seed(0)
+    result = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
+                  python=platform.python_version(), decode_config=decode.config(D, DTYPE).__dict__,
+                  prefill_config=prefill.config(D, DTYPE).__dict__)
+    if args.sweep:
+        result["sweep"] = sweep()
+    result["copy_GBps"] = copy_bandwidth()
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    result["decode"] = [bench_decode(T, result["copy_GBps"], sms) for T in DECODE_T]
+    result["prefill"] = [bench_prefill(*case) for case in PREFILL]
+    if args.profile:
+        profile()
+
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    plot(result, out.with_suffix(".png"))
+    print(f"\n{result['device']}, torch {result['torch']}, triton {result['triton']}; "
+          f"copy bandwidth {result['copy_GBps']:.0f} GB/s (read + write)")
+    print("\ndecode (B=1, 32 q / 8 kv heads, D=128, bf16); GPU µs from CUDA-graph replay over rotating inputs")
+    print("| T | parts | triton µs | SDPA µs | triton GB/s | SDPA GB/s | triton / copy | SDPA / copy "
+          "| do_bench µs triton / SDPA | eager µs triton / SDPA | rel err |")
+    print("| ---: " * 11 + "|")
+    for r in result["decode"]:
+        print(f"| {r['T'] // 1024}k | {r['partitions']} | {r['triton_us']:.1f} | {r['sdpa_us']:.1f} "
+              f"| {r['triton_GBps']:.0f} | {r['sdpa_GBps']:.0f} | {r['triton_frac']:.0%} | {r['sdpa_frac']:.0%} "
+              f"| {r['triton_do_bench_us']:.1f} / {r['sdpa_do_bench_us']:.1f} "
+              f"| {r['triton_eager_us']:.1f} / {r['sdpa_eager_us']:.1f} | {r['err']:.1e} |")
+    print("\nprefill (B=1, 32 q / 8 kv heads, D=128, bf16)")
+    print("| case | L | past | triton µs | SDPA µs | triton TFLOP/s | SDPA TFLOP/s | ratio "
+          "| do_bench µs triton / SDPA | rel err |")
+    print("| --- " + "| ---: " * 9 + "|")
+    for r in result["prefill"]:
+        print(f"| {r['case']} | {r['L']} | {r['past']} | {r['triton_us']:.0f} | {r['sdpa_us']:.0f} "
+              f"| {r['triton_TFLOPs']:.0f} | {r['sdpa_TFLOPs']:.0f} | {r['ratio']:.2f} "
+              f"| {r['triton_do_bench_us']:.0f} / {r['sdpa_do_bench_us']:.0f} | {r['err']:.1e} |")
+    print(f"\nwrote {out} and {out.with_suffix('.png')}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,310 @@
+"""Split-KV decode attention (one query position per row) in Triton.
+
+Each program takes one (batch row, KV head, partition of the live KV range) and all G query heads
+that read that KV head, so K/V are read once per GQA group. It runs an online softmax in fp32 and
+writes (max, sum, unnormalised output) for its partition; a second kernel rescales the partitions
+by exp(m_i - m), sums them and divides. With one partition (short contexts) the first kernel
+normalises and writes the output itself: one launch.
+
+Scores are kept in base 2 (scaled by log2(e)) so that the softmax uses exp2.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from functools import cache
+
+import torch
+import triton
+import triton.language as tl
+from triton import knobs
+from triton.runtime import driver
+from triton.runtime.interpreter import InterpretedFunction
+
+LOG2E = 1.4426950408889634
+
+
+@dataclass(frozen=True)
+class DecodeConfig:
+    block_n: int  # keys per tile
+    num_warps: int
+    num_stages: int
+    programs_per_sm: int  # split until about this many programs per multiprocessor are in flight
+    min_partition: int  # fewest keys worth a partition of their own
+
+
+@cache
+def config(head_dim: int, dtype: torch.dtype) -> DecodeConfig:
+    block_n = 64 if head_dim * dtype.itemsize <= 256 else 32
+    # From benchmarks/kernels.py --sweep on an H100 (bf16, D = 128, 8 KV heads): two programs per
+    # multiprocessor (3 stages of K and V tiles, ~96 KB of shared memory each) in one wave beat 3 or 4
+    # by up to 8% at 128k keys; partitions of one tile win at short context (1k keys: 6.6 µs, 7.5 with two).
+    return DecodeConfig(block_n=block_n, num_warps=4, num_stages=3, programs_per_sm=2, min_partition=block_n)
+
+
+@cache
+def _sm_count(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 1  # the interpreter: the fewest partitions the length rules allow
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def split(span: int, rows: int, sms: int, cfg: DecodeConfig) -> tuple[int, int]:
+    """(partition size, number of partitions) for `span` live keys, `rows` = batch * KV heads and `sms`
+    multiprocessors: enough partitions to fill the GPU at batch 1, none shorter than cfg.min_partition."""
+    want = max(1, -(-cfg.programs_per_sm * sms // rows))
+    nwg = max(1, min(want, span // cfg.min_partition))
+    # Whole tiles, so that only a row's last tile is ragged. Rounding the size up never makes more
+    # partitions than asked for: programs past a whole number of waves would run in a nearly empty one.
+    size = -(-span // nwg)
+    size = -(-size // cfg.block_n) * cfg.block_n
+    return size, -(-span // size)
+
+
+@triton.jit
+def _tanh(x):
+    # From exp2 (tl.math has no tanh on every triton version); exp2 of -2|x| log2(e) cannot overflow.
+    t = tl.exp2(-2.8853900817779268 * tl.abs(x))
+    y = (1.0 - t) / (1.0 + t)
+    return tl.where(x < 0, -y, y)
+
+
+@triton.jit
+def _dot(a, b, acc, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    """a @ b + acc (acc None: a @ b), accumulated in the matrix instruction itself."""
+    # Triton's interpreter multiplies the bit patterns of bfloat16 operands (triton-lang/triton#11584), so
+    # there they go in as float32: bf16 products are exact in float32, as on the GPU's tensor cores.
+    if UPCAST:
+        c = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    else:
+        c = tl.dot(a, b, acc, input_precision=PRECISION)
+    return c
+
+
+# Triton compiles or interprets a function as TRITON_INTERPRET says when it decorates it, the helpers of
+# triton.language included: the variable must not change between importing triton and this module.
+INTERPRET = isinstance(_dot, InterpretedFunction)
+if isinstance(tl.zeros, InterpretedFunction if not INTERPRET else triton.runtime.JITFunction):
+    raise ImportError("TRITON_INTERPRET changed between importing triton and fachat.kernels.triton")
+
+
+class Launcher:
+    """Launches a @triton.jit kernel as kernel[grid](*args, **meta) does, in a fraction of the host time.
+
+    A decode step launches two kernels per layer, and JITFunction.run re-derives every argument's
+    specialisation on each call: 15 to 25 µs a launch on the H100 host measured, longer than the
+    kernels run at short context (both launches made directly: 13 µs). Callers pass a key that pins
+    down what Triton specialises on beyond `meta` (dtypes and strides by value, all pointers 16-byte
+    aligned); a key's first launch goes through Triton, which compiles, and later ones call the
+    compiled kernel's launcher directly. A None key (say, a misaligned view) and the interpreter always
+    take Triton's own path. Launch hooks (profilers) are called as JITFunction.run calls them.
+    """
+
+    def __init__(self, fn):
+        self.fn = fn
+        self.kernels = {}
+        self.consts = {}  # id(meta) -> compile-time argument values in signature order
+        self.direct = True  # False once this Triton's compiled-kernel launcher turned out to differ
+
+    def __call__(self, grid: tuple[int, int, int], key, args: tuple, meta: dict) -> None:
+        # meta must live for good (callers take it from a functools.cache): its id is part of the key.
+        if key is None or INTERPRET or not self.direct:
+            self.fn[grid](*args, **meta)
+            return
+        device = driver.active.get_current_device()
+        key = (device, id(meta), key)
+        kernel = self.kernels.get(key)
+        if kernel is None:
+            self.kernels[key] = self.fn[grid](*args, **meta)
+            self.consts[id(meta)] = [meta[name] for name in self.fn.arg_names[len(args):]]
+            return
+        stream = driver.active.get_current_stream(device)
+        full = (*args, *self.consts[id(meta)])
+        try:
+            kernel.run(*grid, stream, kernel.function, kernel.packed_metadata, kernel.launch_metadata(grid, stream, *full),
+                       knobs.runtime.launch_enter_hook, knobs.runtime.launch_exit_hook, *full)
+        except (TypeError, AttributeError):
+            # An internal API that another Triton release may shape differently (checked on 3.6): a
+            # mismatch fails before anything launches, so Triton's own path takes over for good.
+            self.direct = False
+            self.fn[grid](*args, **meta)
+
+
+def aligned(*tensors: torch.Tensor) -> bool:
+    """Whether every data pointer is 16-byte aligned, as Triton's specialisation assumes for the key."""
+    ptrs = 0
+    for t in tensors:
+        ptrs |= t.data_ptr()
+    return ptrs % 16 == 0
+
+
+def dot_args(dtype: torch.dtype) -> dict:
+    """The constexprs of _dot: float32 exactly (not tf32), 16-bit types natively."""
+    return dict(PRECISION="ieee" if dtype == torch.float32 else "tf32", UPCAST=INTERPRET and dtype == torch.bfloat16)
+
+
+# Lengths and partition counts change every step: specialising on their values would recompile.
+@triton.jit(do_not_specialize=["kv_len", "window", "part_size", "num_parts"])
+def _decode_partition(Q, K, V, Out, Work, Lens, kv_len, window, part_size, num_parts, qk_scale, softcap_log2e,
+                      stride_qb, stride_qh, stride_kb, stride_kh, stride_kn,
+                      HKV: tl.constexpr, G: tl.constexpr, BLOCK_G: tl.constexpr, D: tl.constexpr,
+                      BLOCK_N: tl.constexpr, PER_ROW: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr,
+                      SINGLE: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    group = tl.program_id(0)  # b * HKV + KV head
+    part = tl.program_id(1)
+    b = (group // HKV).to(tl.int64)  # batch strides can pass 2**31 elements
+    h = group % HKV
+    if PER_ROW:
+        n = tl.load(Lens + b)
+    else:
+        n = kv_len
+    lo = 0
+    if WINDOW:  # the query at position n - 1 sees keys > n - 1 - window
+        lo = tl.maximum(n - window, 0)
+    start = lo + part * part_size
+    end = tl.minimum(start + part_size, n)
+
+    g = tl.arange(0, BLOCK_G)
+    d = tl.arange(0, D)
+    # Rows G..BLOCK_G pad the group up to a tile that tl.dot accepts; they load zeros and are not stored.
+    q = tl.load(Q + b * stride_qb + (h * G + g)[:, None] * stride_qh + d[None, :],
+                mask=g[:, None] < G, other=0.0).to(K.dtype.element_ty)
+    k_base = K + b * stride_kb + h * stride_kh + d[None, :]
+    v_base = V + b * stride_kb + h * stride_kh + d[None, :]  # V has K's strides
+
+    m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_G], tl.float32)
+    acc = tl.zeros([BLOCK_G, D], tl.float32)
+    for j in range(start, end, BLOCK_N):
+        offs = j + tl.arange(0, BLOCK_N)
+        live = offs < end
+        k = tl.load(k_base + offs[:, None] * stride_kn, mask=live[:, None], other=0.0)
+        s = _dot(q, tl.trans(k), None, PRECISION, UPCAST)
+        if SOFTCAP:
+            s = softcap_log2e * _tanh(s * qk_scale)
+        else:
+            s = s * qk_scale
+        s = tl.where(live[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))  # finite: every tile holds a live key
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(v_base + offs[:, None] * stride_kn, mask=live[:, None], other=0.0)
+        acc = _dot(p.to(v.dtype), v, acc * alpha[:, None], PRECISION, UPCAST)
+        m_i = m_new
+
+    row = group * G + g  # b * Hq + query head
+    if SINGLE:  # Out is contiguous [B, Hq, D]
+        tl.store(Out + row[:, None] * D + d[None, :], (acc / l_i[:, None]).to(Out.dtype.element_ty),
+                 mask=g[:, None] < G)
+    else:
+        # Work holds m [B * Hq, P], l likewise, then o [B * Hq, P, D] for P partitions. An empty
+        # partition (a row shorter than the longest) writes m = -inf, l = 0, o = 0: weight 0 in the reduce.
+        total = tl.num_programs(0) * G * num_parts
+        at = row * num_parts + part
+        tl.store(Work + at, m_i, mask=g < G)
+        tl.store(Work + total + at, l_i, mask=g < G)
+        tl.store(Work + 2 * total + at[:, None] * D + d[None, :], acc, mask=g[:, None] < G)
+
+
+@triton.jit(do_not_specialize=["num_parts"])
+def _decode_reduce(Out, Work, num_parts, D: tl.constexpr, BLOCK_P: tl.constexpr):
+    """Rescales a row's partitions by exp(m_i - m) and sums them, BLOCK_P partitions at a time."""
+    row = tl.program_id(0)  # b * Hq + query head
+    total = tl.num_programs(0) * num_parts
+    d = tl.arange(0, D)
+    m_run = tl.full([1], float("-inf"), tl.float32)
+    l_run = tl.zeros([1], tl.float32)
+    o_run = tl.zeros([D], tl.float32)
+    for p0 in range(0, num_parts, BLOCK_P):
+        p = p0 + tl.arange(0, BLOCK_P)
+        valid = p < num_parts
+        m = tl.load(Work + row * num_parts + p, mask=valid, other=float("-inf"))
+        l = tl.load(Work + total + row * num_parts + p, mask=valid, other=0.0)
+        o = tl.load(Work + 2 * total + (row * num_parts + p)[:, None] * D + d[None, :], mask=valid[:, None],
+                    other=0.0)
+        # The first chunk holds partition 0, which is never empty, so the running max is finite from there.
+        m_new = tl.maximum(m_run, tl.max(m, 0))
+        w = tl.exp2(m - m_new)
+        alpha = tl.exp2(m_run - m_new)
+        l_run = l_run * alpha + tl.sum(w * l, 0)
+        o_run = o_run * alpha + tl.sum(w[:, None] * o, 0)
+        m_run = m_new
+    tl.store(Out + row * D + d, (o_run / l_run).to(Out.dtype.element_ty))
+
+
+def kernel_layout(q, k_cache, v_cache):
+    """q, K and V as the kernels read them: unit stride along head_dim, and V with K's strides (the
+    engine's caches are already so; anything else is copied)."""
+    if q.stride(-1) != 1:
+        q = q.contiguous()
+    if k_cache.stride() != v_cache.stride() or k_cache.stride(-1) != 1:
+        k_cache, v_cache = k_cache.contiguous(), v_cache.contiguous()
+    return q, k_cache, v_cache
+
+
+def workspace(rows: int, num_parts: int, head_dim: int, device: torch.device) -> torch.Tensor:
+    """fp32 partials (m, l, o) of every partition; a separate function so that tests can poison it."""
+    return torch.empty(rows * num_parts * (head_dim + 2), dtype=torch.float32, device=device)
+
+
+@cache
+def _constexprs(Hkv: int, G: int, D: int, dtype: torch.dtype, per_row: bool, window: bool, softcap: bool,
+                single: bool, cfg: DecodeConfig) -> dict:
+    """The partition kernel's compile-time arguments, built once per combination (host time per step)."""
+    return dict(HKV=Hkv, G=G, BLOCK_G=max(16, triton.next_power_of_2(G)), D=D, BLOCK_N=cfg.block_n,
+                PER_ROW=per_row, WINDOW=window, SOFTCAP=softcap, SINGLE=single, **dot_args(dtype),
+                num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+
+
+@cache
+def _reduce_constexprs(D: int, num_parts: int) -> dict:
+    # Chunks of at most 8192 fp32 elements keep the reduce in registers however many partitions.
+    return dict(D=D, BLOCK_P=min(triton.next_power_of_2(num_parts), 8192 // D), num_warps=4)
+
+
+_launch_partition = Launcher(_decode_partition)
+_launch_reduce = Launcher(_decode_reduce)
+
+
+def decode_attention(q, k_cache, v_cache, kv_len, *, scale=None, window=None, softcap=None,
+                     partition_size: int | None = None, out: torch.Tensor | None = None,
+                     cfg: DecodeConfig | None = None):
+    """q [B, Hq, D] -> [B, Hq, D]; the contract of fachat.kernels.reference.decode_attention.
+    partition_size overrides the split heuristic; out, a contiguous [B, Hq, D] of q's dtype, receives
+    the result."""
+    B, Hq, D = q.shape
+    Hkv = k_cache.shape[1]
+    cfg = cfg or config(D, k_cache.dtype)
+    q, k_cache, v_cache = kernel_layout(q, k_cache, v_cache)
+    per_row = not isinstance(kv_len, int)
+    if per_row:
+        lens = kv_len.to(device=q.device, dtype=torch.int32)
+        span = int(lens.max())
+    else:
+        lens, span = q, kv_len  # q stands in for the unused lengths pointer
+    if window is not None:
+        window = min(window, k_cache.shape[2])  # no change in meaning; keeps it an int32 for the kernel
+        span = min(span, window)
+    if partition_size is None:
+        part_size, num_parts = split(span, B * Hkv, _sm_count(q.device), cfg)
+    else:
+        part_size, num_parts = partition_size, -(-span // partition_size)
+    if out is None:
+        out = torch.empty((B, Hq, D), dtype=q.dtype, device=q.device)
+    elif not out.is_contiguous() or out.shape != q.shape or out.dtype != q.dtype:
+        raise ValueError(f"out must be a contiguous {tuple(q.shape)} tensor of {q.dtype}")
+    scale = 1.0 / math.sqrt(D) if scale is None else scale
+    single = num_parts == 1
+    work = out if single else workspace(B * Hq, num_parts, D, q.device)
+    q_strides, k_strides = q.stride(), k_cache.stride()
+    key = (q.dtype, k_cache.dtype, q_strides, k_strides) if aligned(q, k_cache, v_cache, out, work, lens) else None
+    _launch_partition(
+        (B * Hkv, num_parts, 1), key,
+        (q, k_cache, v_cache, out, work, lens, 0 if per_row else kv_len, window or 0, part_size, num_parts,
+         scale / softcap if softcap is not None else scale * LOG2E, (softcap or 0.0) * LOG2E,
+         q_strides[0], q_strides[1], k_strides[0], k_strides[1], k_strides[2]),
+        _constexprs(Hkv, Hq // Hkv, D, k_cache.dtype, per_row, window is not None, softcap is not None, single, cfg))
+    if not single:
+        _launch_reduce((B * Hq, 1, 1), key and q.dtype, (out, work, num_parts), _reduce_constexprs(D, num_parts))
+    return out

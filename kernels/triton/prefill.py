@@ -1,0 +1,177 @@
+"""Tiled flash-attention prefill in Triton: q_len > 1 queries on top of a cached past.
+
+Query i of q_len sits at position kv_len - q_len + i and sees keys at positions <= its own
+(bottom-right causal), or only the last `window` of those. Each program owns BLOCK_M queries of one
+head and streams K/V tiles of the head's KV head through an online softmax: no score matrix is
+stored and K/V are never repeated per query head. Its key range splits into tiles that need a mask
+(the window's lower edge, the causal diagonal) and tiles every query sees whole, which skip the
+mask; tiles no query sees are never read.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from functools import cache
+
+import torch
+import triton
+import triton.language as tl
+
+from fachat.kernels.triton.decode import LOG2E, Launcher, _dot, _tanh, aligned, dot_args, kernel_layout
+
+
+@dataclass(frozen=True)
+class PrefillConfig:
+    block_m: int
+    block_n: int
+    num_warps: int
+    num_stages: int
+
+
+@cache
+def config(head_dim: int, dtype: torch.dtype) -> PrefillConfig:
+    if dtype == torch.float32:  # twice the bytes a tile: smaller tiles keep shared memory in bounds
+        return PrefillConfig(64, 32, 4, 2) if head_dim == 256 else PrefillConfig(64, 64, 4, 2)
+    if head_dim == 256:
+        return PrefillConfig(64, 64, 8, 2)
+    # Fastest or tied within noise in benchmarks/kernels.py --sweep on an H100 (bf16, L = 8k and 32k, D = 64, 128).
+    return PrefillConfig(128, 64, 8 if head_dim == 128 else 4, 3)
+
+
+@triton.jit
+def _tiles(acc, l_i, m_i, q, k_base, v_base, stride_kn, pos, lo, hi, window, qk_scale, softcap_log2e,
+           BLOCK_N: tl.constexpr, MASK: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr,
+           PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    """Online softmax over the keys [lo, hi); MASK applies causality, the window and hi per query."""
+    for j in range(lo, hi, BLOCK_N):
+        offs = j + tl.arange(0, BLOCK_N)
+        if MASK:
+            k = tl.load(k_base + offs[:, None] * stride_kn, mask=offs[:, None] < hi, other=0.0)
+        else:
+            k = tl.load(k_base + offs[:, None] * stride_kn)
+        s = _dot(q, tl.trans(k), None, PRECISION, UPCAST)
+        # Scores go into exp2 as s * sc - m: the max is taken before scaling (sc > 0), so that the
+        # scale and the shift are one fused multiply-add per score.
+        if SOFTCAP:
+            s = softcap_log2e * _tanh(s * qk_scale)
+            sc = 1.0
+        else:
+            sc = qk_scale
+        if MASK:
+            seen = (offs[None, :] <= pos[:, None]) & (offs[None, :] < hi)
+            if WINDOW:
+                seen &= offs[None, :] > pos[:, None] - window
+            s = tl.where(seen, s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1) * sc)
+            # A query that has seen no key yet has m = -inf: shift by 0 so that it gets p = 0, not NaN.
+            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+        else:
+            m_new = tl.maximum(m_i, tl.max(s, 1) * sc)
+            m_use = m_new
+        alpha = tl.exp2(m_i - m_use)
+        p = tl.exp2(s * sc - m_use[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        if MASK:
+            v = tl.load(v_base + offs[:, None] * stride_kn, mask=offs[:, None] < hi, other=0.0)
+        else:
+            v = tl.load(v_base + offs[:, None] * stride_kn)
+        acc = _dot(p.to(v.dtype), v, acc * alpha[:, None], PRECISION, UPCAST)
+        m_i = m_new
+    return acc, l_i, m_i
+
+
+@triton.jit(do_not_specialize=["kv_len", "window", "q_len"])
+def _prefill(Q, K, V, Out, Lens, kv_len, q_len, window, qk_scale, softcap_log2e,
+             stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn,
+             HQ: tl.constexpr, G: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+             PER_ROW: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, PRECISION: tl.constexpr,
+             UPCAST: tl.constexpr):
+    bh = tl.program_id(0)
+    # Heads vary fastest in launch order, and the last query blocks (the most keys) start first.
+    mb = tl.num_programs(1) - 1 - tl.program_id(1)
+    b = (bh // HQ).to(tl.int64)  # batch strides can pass 2**31 elements
+    hq = bh % HQ
+    hk = hq // G
+    if PER_ROW:
+        n = tl.load(Lens + b)
+    else:
+        n = kv_len
+    past = n - q_len
+    m0 = mb * BLOCK_M
+    rows = m0 + tl.arange(0, BLOCK_M)
+    # Rows past q_len pad the last block: they repeat the last query's position (so that no row is
+    # fully masked, which would divide 0 by 0) and are never stored.
+    pos = past + tl.minimum(rows, q_len - 1)
+    d = tl.arange(0, D)
+    q = tl.load(Q + b * stride_qb + hq * stride_qh + rows[:, None] * stride_qm + d[None, :],
+                mask=rows[:, None] < q_len, other=0.0).to(K.dtype.element_ty)
+    k_base = K + b * stride_kb + hk * stride_kh + d[None, :]
+    v_base = V + b * stride_kb + hk * stride_kh + d[None, :]  # V has K's strides
+
+    pos_min = past + m0
+    pos_max = past + tl.minimum(m0 + BLOCK_M, q_len) - 1
+    hi = pos_max + 1  # <= n
+    # Whole tiles in [full_lo, full_hi) are seen by every query of the block.
+    full_hi = (pos_min + 1) // BLOCK_N * BLOCK_N
+    if WINDOW:
+        lo = tl.maximum(pos_min - window + 1, 0) // BLOCK_N * BLOCK_N
+        full_lo = tl.cdiv(tl.maximum(pos_max - window + 1, 0), BLOCK_N) * BLOCK_N
+    else:
+        lo = 0
+        full_lo = 0
+    full_lo = tl.minimum(tl.maximum(full_lo, lo), hi)
+    full_hi = tl.minimum(tl.maximum(full_hi, full_lo), hi)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, D], tl.float32)
+    if WINDOW:
+        acc, l_i, m_i = _tiles(acc, l_i, m_i, q, k_base, v_base, stride_kn, pos, lo, full_lo, window,
+                               qk_scale, softcap_log2e, BLOCK_N, True, WINDOW, SOFTCAP, PRECISION, UPCAST)
+    acc, l_i, m_i = _tiles(acc, l_i, m_i, q, k_base, v_base, stride_kn, pos, full_lo, full_hi, window,
+                           qk_scale, softcap_log2e, BLOCK_N, False, WINDOW, SOFTCAP, PRECISION, UPCAST)
+    acc, l_i, m_i = _tiles(acc, l_i, m_i, q, k_base, v_base, stride_kn, pos, full_hi, hi, window,
+                           qk_scale, softcap_log2e, BLOCK_N, True, WINDOW, SOFTCAP, PRECISION, UPCAST)
+    out = acc / l_i[:, None]
+    # Out is contiguous [B, Hq, q_len, D].
+    tl.store(Out + ((b * HQ + hq) * q_len + rows[:, None]) * D + d[None, :], out.to(Out.dtype.element_ty),
+             mask=rows[:, None] < q_len)
+
+
+@cache
+def _constexprs(Hq: int, G: int, D: int, dtype: torch.dtype, per_row: bool, window: bool, softcap: bool,
+                cfg: PrefillConfig) -> dict:
+    return dict(HQ=Hq, G=G, D=D, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, PER_ROW=per_row, WINDOW=window,
+                SOFTCAP=softcap, **dot_args(dtype), num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+
+
+_launch = Launcher(_prefill)
+
+
+def prefill_attention(q, k_cache, v_cache, kv_len, *, scale=None, window=None, softcap=None,
+                      out: torch.Tensor | None = None, cfg: PrefillConfig | None = None):
+    """q [B, Hq, Lq, D] holding the last Lq of kv_len positions -> [B, Hq, Lq, D]; the contract of
+    fachat.kernels.reference.prefill_attention. out, a contiguous [B, Hq, Lq, D] of q's dtype, receives
+    the result."""
+    B, Hq, Lq, D = q.shape
+    cfg = cfg or config(D, k_cache.dtype)
+    q, k_cache, v_cache = kernel_layout(q, k_cache, v_cache)
+    per_row = not isinstance(kv_len, int)
+    lens = kv_len.to(device=q.device, dtype=torch.int32) if per_row else q  # q stands in for the unused pointer
+    if window is not None:
+        window = min(window, k_cache.shape[2])  # no change in meaning; keeps it an int32 for the kernel
+    if out is None:
+        out = torch.empty((B, Hq, Lq, D), dtype=q.dtype, device=q.device)
+    elif not out.is_contiguous() or out.shape != q.shape or out.dtype != q.dtype:
+        raise ValueError(f"out must be a contiguous {tuple(q.shape)} tensor of {q.dtype}")
+    scale = 1.0 / math.sqrt(D) if scale is None else scale
+    q_strides, k_strides = q.stride(), k_cache.stride()
+    key = (q.dtype, k_cache.dtype, q_strides, k_strides) if aligned(q, k_cache, v_cache, out, lens) else None
+    _launch(
+        (B * Hq, triton.cdiv(Lq, cfg.block_m), 1), key,
+        (q, k_cache, v_cache, out, lens, 0 if per_row else kv_len, Lq, window or 0,
+         scale / softcap if softcap is not None else scale * LOG2E, (softcap or 0.0) * LOG2E,
+         q_strides[0], q_strides[1], q_strides[2], k_strides[0], k_strides[1], k_strides[2]),
+        _constexprs(Hq, Hq // k_cache.shape[1], D, k_cache.dtype, per_row, window is not None, softcap is not None,
+                    cfg))
+    return out
