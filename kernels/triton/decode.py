@@ -4,7 +4,9 @@ Each program takes one (batch row, KV head, partition of the live KV range) and 
 that read that KV head, so K/V are read once per GQA group. It runs an online softmax in fp32 and
 writes (max, sum, unnormalised output) for its partition; a second kernel rescales the partitions
 by exp(m_i - m), sums them and divides. With one partition (short contexts) the first kernel
-normalises and writes the output itself: one launch.
+normalises and writes the output itself: one launch. On Hopper and later the second kernel is
+launched early (programmatic dependent launch) and waits on the device for the first, which hides
+its launch latency.
 
 Scores are kept in base 2 (scaled by log2(e)) so that the softmax uses exp2.
 """
@@ -149,7 +151,9 @@ def _decode_partition(Q, K, V, Out, Work, Lens, kv_len, window, part_size, num_p
                       stride_qb, stride_qh, stride_kb, stride_kh, stride_kn,
                       HKV: tl.constexpr, G: tl.constexpr, BLOCK_G: tl.constexpr, D: tl.constexpr,
                       BLOCK_N: tl.constexpr, PER_ROW: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr,
-                      SINGLE: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+                      SINGLE: tl.constexpr, PDL: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    if PDL:  # the reduce may start now: it waits on the device until this grid has finished and flushed
+        tl.extra.cuda.gdc_launch_dependents()
     group = tl.program_id(0)  # b * HKV + KV head
     part = tl.program_id(1)
     b = (group // HKV).to(tl.int64)  # batch strides can pass 2**31 elements
@@ -208,8 +212,10 @@ def _decode_partition(Q, K, V, Out, Work, Lens, kv_len, window, part_size, num_p
 
 
 @triton.jit(do_not_specialize=["num_parts"])
-def _decode_reduce(Out, Work, num_parts, D: tl.constexpr, BLOCK_P: tl.constexpr):
+def _decode_reduce(Out, Work, num_parts, D: tl.constexpr, BLOCK_P: tl.constexpr, PDL: tl.constexpr):
     """Rescales a row's partitions by exp(m_i - m) and sums them, BLOCK_P partitions at a time."""
+    if PDL:
+        tl.extra.cuda.gdc_wait()
     row = tl.program_id(0)  # b * Hq + query head
     total = tl.num_programs(0) * num_parts
     d = tl.arange(0, D)
@@ -249,18 +255,25 @@ def workspace(rows: int, num_parts: int, head_dim: int, device: torch.device) ->
 
 
 @cache
-def _constexprs(Hkv: int, G: int, D: int, dtype: torch.dtype, per_row: bool, window: bool, softcap: bool,
-                single: bool, cfg: DecodeConfig) -> dict:
-    """The partition kernel's compile-time arguments, built once per combination (host time per step)."""
-    return dict(HKV=Hkv, G=G, BLOCK_G=max(16, triton.next_power_of_2(G)), D=D, BLOCK_N=cfg.block_n,
-                PER_ROW=per_row, WINDOW=window, SOFTCAP=softcap, SINGLE=single, **dot_args(dtype),
-                num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+def _pdl(device: torch.device) -> bool:
+    """Whether the reduce goes out with programmatic dependent launch: compiled, on Hopper or later."""
+    return not INTERPRET and device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
 
 
 @cache
-def _reduce_constexprs(D: int, num_parts: int) -> dict:
+def _constexprs(Hkv: int, G: int, D: int, dtype: torch.dtype, per_row: bool, window: bool, softcap: bool,
+                single: bool, pdl: bool, cfg: DecodeConfig) -> dict:
+    """The partition kernel's compile-time arguments, built once per combination (host time per step)."""
+    return dict(HKV=Hkv, G=G, BLOCK_G=max(16, triton.next_power_of_2(G)), D=D, BLOCK_N=cfg.block_n,
+                PER_ROW=per_row, WINDOW=window, SOFTCAP=softcap, SINGLE=single, PDL=pdl and not single,
+                **dot_args(dtype), num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+
+
+@cache
+def _reduce_constexprs(D: int, num_parts: int, pdl: bool) -> dict:
     # Chunks of at most 8192 fp32 elements keep the reduce in registers however many partitions.
-    return dict(D=D, BLOCK_P=min(triton.next_power_of_2(num_parts), 8192 // D), num_warps=4)
+    return dict(D=D, BLOCK_P=min(triton.next_power_of_2(num_parts), 8192 // D), PDL=pdl, launch_pdl=pdl,
+                num_warps=4)
 
 
 _launch_partition = Launcher(_decode_partition)
@@ -296,6 +309,7 @@ def decode_attention(q, k_cache, v_cache, kv_len, *, scale=None, window=None, so
         raise ValueError(f"out must be a contiguous {tuple(q.shape)} tensor of {q.dtype}")
     scale = 1.0 / math.sqrt(D) if scale is None else scale
     single = num_parts == 1
+    pdl = _pdl(q.device)
     work = out if single else workspace(B * Hq, num_parts, D, q.device)
     q_strides, k_strides = q.stride(), k_cache.stride()
     key = (q.dtype, k_cache.dtype, q_strides, k_strides) if aligned(q, k_cache, v_cache, out, work, lens) else None
@@ -304,7 +318,8 @@ def decode_attention(q, k_cache, v_cache, kv_len, *, scale=None, window=None, so
         (q, k_cache, v_cache, out, work, lens, 0 if per_row else kv_len, window or 0, part_size, num_parts,
          scale / softcap if softcap is not None else scale * LOG2E, (softcap or 0.0) * LOG2E,
          q_strides[0], q_strides[1], k_strides[0], k_strides[1], k_strides[2]),
-        _constexprs(Hkv, Hq // Hkv, D, k_cache.dtype, per_row, window is not None, softcap is not None, single, cfg))
+        _constexprs(Hkv, Hq // Hkv, D, k_cache.dtype, per_row, window is not None, softcap is not None, single,
+                    pdl, cfg))
     if not single:
-        _launch_reduce((B * Hq, 1, 1), key and q.dtype, (out, work, num_parts), _reduce_constexprs(D, num_parts))
+        _launch_reduce((B * Hq, 1, 1), key and q.dtype, (out, work, num_parts), _reduce_constexprs(D, num_parts, pdl))
     return out
