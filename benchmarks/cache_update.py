@@ -21,6 +21,8 @@ import torch
 
 from fachat.cache import ConcatKVCache, InPlaceKVCache
 
+import plots  # benchmarks/plots.py, beside this script
+
 LAYERS, KV_HEADS, HEAD_DIM = 30, 3, 64  # SmolLM2-135M
 RESULTS = Path(__file__).parent / "results"
 
@@ -71,25 +73,15 @@ def quiet_allocator() -> bool:
 
 
 def plot(rows: list[dict], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (ax_t, ax_b) = plt.subplots(1, 2, figsize=(11, 4.2))
+    fig, (ax_t, ax_b) = plots.two_panels()
     for kind, style in (("in_place", "o-"), ("concat", "s-")):
         pts = [(r["tokens"], r[kind]) for r in rows if r[kind] is not None]
         ax_t.loglog([t for t, _ in pts], [m["seconds"] for _, m in pts], style, label=kind.replace("_", "-"))
         ax_b.loglog([t for t, _ in pts], [m["bytes_copied"] for _, m in pts], style, label=kind.replace("_", "-"))
-    for ax, label in ((ax_t, "total time (s)"), (ax_b, "bytes copied")):
-        ax.set_xlabel("tokens appended one at a time (T)")
-        ax.set_ylabel(label)
-        ax.set_xscale("log", base=2)
-        ax.grid(True, which="both", alpha=0.3)
-        ax.legend()
-    fig.suptitle("KV cache update, SmolLM2-135M shapes (30 layers x 3 KV heads x 64, float32)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    ax_t.set_ylabel("total time (s)")
+    ax_b.set_ylabel("bytes copied")
+    plots.save(fig, (ax_t, ax_b), "tokens appended one at a time (T)",
+         "KV cache update, SmolLM2-135M shapes (30 layers x 3 KV heads x 64, float32)", path)
 
 
 def main() -> None:

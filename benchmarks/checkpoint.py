@@ -25,6 +25,8 @@ import torch
 from fachat import Engine
 from fachat.models import default_model
 
+import plots  # benchmarks/plots.py, beside this script
+
 RESULTS = Path(__file__).parent / "results"
 TEXT = ("The history of computing is a story of abstraction layered on abstraction. Early machines were wired "
         "by hand; later, stored programs let the same hardware run many tasks. Compilers translated human-readable "
@@ -38,27 +40,15 @@ def timed(fn) -> float:
 
 
 def plot(rows: list[dict], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     T = [r["tokens"] for r in rows]
-    fig, (ax_t, ax_s) = plt.subplots(1, 2, figsize=(11, 4.2))
+    fig, (ax_t, ax_s) = plots.two_panels()
     ax_t.loglog(T, [r["save_s"] for r in rows], "o-", label="save (fsync included)")
     ax_t.loglog(T, [r["load_s"] for r in rows], "s-", label="load (checks included)")
     ax_t.set_ylabel("seconds (median)")
     ax_s.loglog(T, [r["file_bytes"] / 2 ** 20 for r in rows], "o-", label="file")
     ax_s.loglog(T, [r["live_kv_bytes"] / 2 ** 20 for r in rows], "x--", label="live K/V")
     ax_s.set_ylabel("MiB")
-    for ax in (ax_t, ax_s):
-        ax.set_xscale("log", base=2)
-        ax.set_xlabel("session tokens")
-        ax.grid(True, which="both", alpha=0.3)
-        ax.legend()
-    fig.suptitle("Session checkpoints, SmolLM2-135M-Instruct, float32, CPU")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    plots.save(fig, (ax_t, ax_s), "session tokens", "Session checkpoints, SmolLM2-135M-Instruct, float32, CPU", path)
 
 
 def main() -> None:
