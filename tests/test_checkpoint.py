@@ -18,6 +18,7 @@ from safetensors import safe_open
 import fachat
 from fachat.cache import checkpoint
 from fachat.errors import CheckpointError
+from conftest import derive_seed
 from test_session import MODES, Logits, assert_cache_holds, assert_exact, randint, random_prompt, words
 from tiny import make_tiny_model
 
@@ -239,7 +240,7 @@ def saved(tiny_llama, tmp_path_factory):
     file holds the K/V that undo would write back)."""
     eng = fachat.Engine.load(tiny_llama[0], device="cpu", dtype="float32")
     eng.tokenizer.eos_token_ids = []
-    g = torch.Generator().manual_seed(int.from_bytes(os.urandom(4), "little"))
+    g = torch.Generator().manual_seed(derive_seed("saved checkpoint"))
     session = eng.session(system="Be brief.", max_new_tokens=5, temperature=1.0, seed=3)
     for _ in range(2):
         session.chat(words(g))

@@ -28,8 +28,7 @@ def fa_chat(*args, stdin: str = "", timeout: float = 120):
     return result
 
 
-def test_one_shot_prompt_streams_the_engine_answer(tiny_dir):
-    seed = int.from_bytes(os.urandom(4), "little")
+def test_one_shot_prompt_streams_the_engine_answer(tiny_dir, seed):
     args = ["--model", str(tiny_dir), "--max-tokens", "12", "--temperature", "1.0", "--seed", str(seed)]
     result = fa_chat(*args, "--prompt", "Tell me a story")
     assert result.returncode == 0, result.stderr
@@ -103,9 +102,8 @@ def test_resume_of_a_foreign_or_corrupt_file_is_a_clean_error(tmp_path, tiny_dir
         assert str(path) in result.stderr and why in result.stderr and "Traceback" not in result.stderr
 
 
-def test_resume_with_prompt_continues_the_saved_conversation(tmp_path, tiny_dir):
+def test_resume_with_prompt_continues_the_saved_conversation(tmp_path, tiny_dir, seed):
     """One-shot --prompt on top of --resume answers as the library's resumed session does."""
-    seed = int.from_bytes(os.urandom(4), "little")
     engine = Engine.load(tiny_dir, device="cpu")
     session = engine.session(max_new_tokens=8, temperature=1.0, seed=seed)
     session.chat("first question")

@@ -52,10 +52,9 @@ class Repl:
         return self.child.exitstatus
 
 
-def test_save_quit_resume_continues_exactly_like_an_unbroken_run(tmp_path, tiny_dir):
+def test_save_quit_resume_continues_exactly_like_an_unbroken_run(tmp_path, tiny_dir, seed):
     """Sampled chat, /save, quit, `fa-chat --resume` (model taken from the file), continue: the answers,
     the conversation and the final KV cache equal those of one uninterrupted run with the same seed."""
-    seed = int.from_bytes(os.urandom(4), "little")
     flags = ["--max-tokens", "10", "--temperature", "1.0", "--seed", str(seed)]
     turns = ["Tell me about the fox", "and the dog?", "thanks"]
 

@@ -3,7 +3,6 @@ the sampler's filters against a float64 reference, and incremental detokenizing.
 from __future__ import annotations
 
 import math
-import os
 
 import pytest
 import torch
@@ -11,6 +10,8 @@ import torch
 import fachat
 from fachat.engine.sampling import Sampler, SamplingParams
 from fachat.models.tokenizer import Tokenizer
+
+from conftest import derive_seed
 
 CPU = torch.device("cpu")
 
@@ -442,7 +443,7 @@ def sentencepiece_tokenizer(tmp_path_factory):
     import gguf_util as util
     from fachat.models.gguf import read_gguf
 
-    rng = np.random.default_rng(int.from_bytes(os.urandom(4), "little"))
+    rng = np.random.default_rng(derive_seed("sentencepiece tokenizer"))
     tokens, scores, types = util.train_sentencepiece_bpe(200)
     cfg = dict(hidden_size=64, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
                num_key_value_heads=1, max_position_embeddings=64, rope_theta=10000.0, rms_norm_eps=1e-5,

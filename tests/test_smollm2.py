@@ -1,7 +1,6 @@
 """The real SmolLM2-135M-Instruct GGUF, against transformers loading the same file."""
 from __future__ import annotations
 
-import os
 import random
 from pathlib import Path
 
@@ -37,8 +36,7 @@ def hf(smollm2_hf):
     return smollm2_hf
 
 
-def test_teacher_forced_logits_match_transformers(engine, hf):
-    seed = int.from_bytes(os.urandom(4), "little")
+def test_teacher_forced_logits_match_transformers(engine, hf, seed):
     rng = random.Random(seed)
     text_ids = engine.encode_prompt(PROMPTS[rng.randrange(len(PROMPTS))])
     random_ids = [rng.randrange(engine.args.vocab_size) for _ in range(rng.randint(20, 120))]
