@@ -78,15 +78,14 @@ def print_stats(session) -> None:
     print("last answer: none yet" if gen is None else "last answer: " + stats_line(gen)[1:-1])
 
 
-def stream_answer(session, message: str | None, overrides: dict, verbose: bool):
-    """Streams one answer to stdout. message None continues raw text (models without a chat template
-    get the text appended first). Returns the Generation, partial if Ctrl-C stopped it."""
-    if not session.engine.tokenizer.chat_template:
-        if message is not None:
-            session.append(message)
-        stream = session.stream(**overrides)
+def stream_answer(session, message: str, verbose: bool):
+    """Streams one answer to stdout (models without a chat template continue the text). Returns the
+    Generation, partial if Ctrl-C stopped it."""
+    if session.engine.tokenizer.chat_template:
+        stream = session.stream_chat(message)
     else:
-        stream = session.stream_chat(message, **overrides)
+        session.append(message)
+        stream = session.stream()
     try:
         for piece in stream:
             sys.stdout.write(piece)
@@ -136,7 +135,7 @@ def enable_history():
     return save
 
 
-def run_command(text: str, session, engine, args):
+def run_command(text: str, session):
     """Runs a /command; returns the (possibly new) session, or None to quit."""
     command, _, rest = text.partition(" ")
     rest = rest.strip()
@@ -151,7 +150,7 @@ def run_command(text: str, session, engine, args):
         session.undo()
         print(f"[took back the last turn; {len(session.tokens)} tokens in context]", file=sys.stderr)
     elif command == "/system":
-        if not engine.tokenizer.chat_template:
+        if not session.engine.tokenizer.chat_template:
             raise ValueError("this model has no chat template, so it has no system prompt")
         session.system = rest or None
         print("[system prompt set]" if rest else "[system prompt removed]", file=sys.stderr)
@@ -166,7 +165,7 @@ def run_command(text: str, session, engine, args):
             print(f"[saved {len(session.tokens)} tokens to {path} ({os.path.getsize(path) / (1 << 20):.1f} MiB)]",
                   file=sys.stderr)
         else:
-            session = engine.load_session(path)  # raises before anything changes on a bad file
+            session = session.engine.load_session(path)  # raises before anything changes on a bad file
             print(f"[loaded {path}: {len(session.tokens)} tokens, {len(session.messages)} messages]",
                   file=sys.stderr)
     else:
@@ -174,9 +173,8 @@ def run_command(text: str, session, engine, args):
     return session
 
 
-def repl(session, engine, args) -> None:
+def repl(session, verbose: bool) -> None:
     save_history = enable_history()
-    overrides = sampling_flags(args) if args.resume else {}
     print("Type a message, /help for commands, Ctrl-D to quit.", file=sys.stderr)
     try:
         while True:
@@ -193,12 +191,11 @@ def repl(session, engine, args) -> None:
                 continue
             try:
                 if text.startswith("/"):
-                    session = run_command(text, session, engine, args)
+                    session = run_command(text, session)
                     if session is None:
                         return
                 else:
-                    stream_answer(session, line, overrides, args.verbose)
-                    overrides.pop("seed", None)  # --seed reseeds a resumed session once, not every answer
+                    stream_answer(session, line, verbose)
             except (FachatError, ValueError, OSError) as e:
                 print(f"error: {e}", file=sys.stderr)
     finally:
@@ -213,7 +210,7 @@ def main(argv: list[str] | None = None) -> int:
         from fachat.models import default_model
 
         flags = sampling_flags(args)
-        SamplingParams(**{k: v for k, v in flags.items() if k != "max_new_tokens"})  # fail before the slow load
+        SamplingParams(**flags)  # bad flags and (below) a bad --resume file fail before the slow load
         saved = read_checkpoint_info(args.resume) if args.resume else None
         source = args.model or (saved.model_source if saved else None) or default_model()
         print(f"Loading {source} ...", file=sys.stderr)
@@ -225,6 +222,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"attention backend: {engine.attention_backend}", file=sys.stderr)
         if args.resume:
             session = engine.load_session(args.resume)
+            session.configure(**flags)
             if args.system is not None:
                 session.system = args.system
             print(f"[resumed {args.resume}: {len(session.tokens)} tokens, {len(session.messages)} messages]",
@@ -232,10 +230,10 @@ def main(argv: list[str] | None = None) -> int:
         else:
             session = engine.session(system=args.system, **(NEW_SESSION_DEFAULTS | flags))
         if args.prompt is None:
-            repl(session, engine, args)
+            repl(session, args.verbose)
             return 0
         text = sys.stdin.read() if args.prompt == "-" else args.prompt
-        gen = stream_answer(session, text, flags if args.resume else {}, args.verbose)
+        gen = stream_answer(session, text, args.verbose)
         return 130 if gen.finish_reason == "interrupted" else 0
     except (FachatError, ValueError, OSError) as e:
         print(f"fa-chat: error: {e}", file=sys.stderr)

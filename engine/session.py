@@ -114,6 +114,13 @@ class Session:
         self._finish_active()
         self._system = _check_system(text)
 
+    def configure(self, **sampling) -> None:
+        """Changes the session's default sampling arguments (saved with it); a `seed` reseeds the RNG now."""
+        self._finish_active()
+        self._params = dataclasses.replace(self._params, **sampling)
+        if sampling.get("seed") is not None:
+            self._generator.manual_seed(sampling["seed"])
+
     # ------------------------------------------------------------ chat
 
     def chat(self, message: str, **overrides) -> Generation:

@@ -14,6 +14,7 @@ from conftest import derive_seed
 from fachat import Engine
 from fachat.engine.generate import PREFILL_CHUNK, prefill
 from fachat.kernels import BACKEND_ENV
+from test_session import Logits, assert_exact, randint, random_prompt
 from tiny import make_tiny_model
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (CI has none)")
@@ -144,3 +145,30 @@ def test_verbose_cli_names_the_backend(head64_models):
                              capture_output=True, text=True, env=env, timeout=300)
         assert run.returncode == 0, run.stderr
         assert f"attention backend: {expected}" in run.stderr, run.stderr
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_session_resumes_exactly_on_the_device(head64_models, dtype, gen, seed, tmp_path):
+    """Within one device and dtype (the auto backend: triton where installed): stop a sampled run after a
+    random number of tokens, save, load into a new session, continue: the unbroken run's tokens and
+    bit-identical logits."""
+    engine = Engine.load(head64_models("llama"), device="cuda", dtype=dtype)
+    engine.tokenizer.eos_token_ids = []  # runs of known length
+    n, prompt = 32, random_prompt(engine, gen)
+    params = dict(max_new_tokens=n, temperature=1.0, top_p=0.95, repetition_penalty=1.2, seed=seed)
+    whole = engine.session(**params)
+    whole.append(prompt)
+    with Logits(engine.model) as ref:
+        whole.generate()
+    k = randint(gen, 1, n - 1)
+    part = engine.session(**params)
+    part.append(prompt)
+    with Logits(engine.model) as before:
+        part.generate(max_new_tokens=k)
+    part.save(tmp_path / "s.safetensors")
+    resumed = engine.load_session(tmp_path / "s.safetensors")
+    with Logits(engine.model) as after:
+        resumed.generate(max_new_tokens=n - k)
+    label = f"{dtype} {engine.attention_backend}, saved after {k} tokens; seed={seed}"
+    assert resumed.tokens == whole.tokens, label
+    assert_exact(before.rows + after.rows, ref.rows, label)

@@ -241,6 +241,25 @@ def test_defaults_and_overrides(eng, gen, seed):
         session.chat(["not", "a", "str"])
 
 
+def test_configure_changes_the_defaults_and_a_seed_reseeds_once(eng, gen, seed, tmp_path):
+    """configure(...) then plain calls answer as calls given the same overrides do, the seed reseeding only
+    the first; the settings stay for later calls and in the checkpoint; a bad setting changes nothing."""
+    first, text, later = words(gen), words(gen), words(gen)
+    settings = dict(max_new_tokens=5, temperature=1.3, top_k=30)
+    a, b = eng.session(max_new_tokens=3, temperature=0), eng.session(max_new_tokens=3, temperature=0)
+    a.chat(first)
+    b.chat(first)
+    a.configure(**settings, seed=seed)
+    assert a.chat(text).tokens == b.chat(text, **settings, seed=seed).tokens, f"seed={seed}"
+    assert a.chat(later).tokens == b.chat(later, **settings).tokens, f"seed={seed}"
+    assert a.params == fachat.SamplingParams(**settings, seed=seed)
+    a.save(tmp_path / "a.safetensors")
+    assert eng.load_session(tmp_path / "a.safetensors").params == a.params
+    with pytest.raises(ValueError, match="top_p"):
+        a.configure(top_p=0)
+    assert a.params == fachat.SamplingParams(**settings, seed=seed)
+
+
 def test_context_full_raises_and_changes_nothing(tiny_llama, gen, seed):
     eng = fachat.Engine.load(tiny_llama[0], device="cpu", dtype="float32", max_seq_len=64)
     eng.tokenizer.eos_token_ids = []

@@ -123,8 +123,9 @@ class Launcher:
         stream = driver.active.get_current_stream(device)
         full = (*args, *self.consts[id(meta)])
         try:
-            kernel.run(*grid, stream, kernel.function, kernel.packed_metadata, kernel.launch_metadata(grid, stream, *full),
-                       knobs.runtime.launch_enter_hook, knobs.runtime.launch_exit_hook, *full)
+            kernel.run(*grid, stream, kernel.function, kernel.packed_metadata,
+                       kernel.launch_metadata(grid, stream, *full), knobs.runtime.launch_enter_hook,
+                       knobs.runtime.launch_exit_hook, *full)
         except (TypeError, AttributeError):
             # An internal API that another Triton release may shape differently (checked on 3.6): a
             # mismatch fails before anything launches, so Triton's own path takes over for good.
@@ -138,6 +139,24 @@ def aligned(*tensors: torch.Tensor) -> bool:
     for t in tensors:
         ptrs |= t.data_ptr()
     return ptrs % 16 == 0
+
+
+def output_for(q: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
+    """out checked, or a new tensor: contiguous, shaped and typed as q, which the kernels fill whole."""
+    if out is None:
+        return torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    if not out.is_contiguous() or out.shape != q.shape or out.dtype != q.dtype:
+        raise ValueError(f"out must be a contiguous {tuple(q.shape)} tensor of {q.dtype}")
+    return out
+
+
+def score_scales(scale: float | None, softcap: float | None, head_dim: int) -> tuple[float, float]:
+    """(qk_scale, softcap_log2e) for the kernels, in base 2: q.k times qk_scale is the score (with a
+    softcap, tanh's argument, whose value times softcap_log2e is the score)."""
+    scale = 1.0 / math.sqrt(head_dim) if scale is None else scale
+    if softcap is None:
+        return scale * LOG2E, 0.0
+    return scale / softcap, softcap * LOG2E
 
 
 def dot_args(dtype: torch.dtype) -> dict:
@@ -303,11 +322,7 @@ def decode_attention(q, k_cache, v_cache, kv_len, *, scale=None, window=None, so
         part_size, num_parts = split(span, B * Hkv, _sm_count(q.device), cfg)
     else:
         part_size, num_parts = partition_size, -(-span // partition_size)
-    if out is None:
-        out = torch.empty((B, Hq, D), dtype=q.dtype, device=q.device)
-    elif not out.is_contiguous() or out.shape != q.shape or out.dtype != q.dtype:
-        raise ValueError(f"out must be a contiguous {tuple(q.shape)} tensor of {q.dtype}")
-    scale = 1.0 / math.sqrt(D) if scale is None else scale
+    out = output_for(q, out)
     single = num_parts == 1
     pdl = _pdl(q.device)
     work = out if single else workspace(B * Hq, num_parts, D, q.device)
@@ -316,8 +331,7 @@ def decode_attention(q, k_cache, v_cache, kv_len, *, scale=None, window=None, so
     _launch_partition(
         (B * Hkv, num_parts, 1), key,
         (q, k_cache, v_cache, out, work, lens, 0 if per_row else kv_len, window or 0, part_size, num_parts,
-         scale / softcap if softcap is not None else scale * LOG2E, (softcap or 0.0) * LOG2E,
-         q_strides[0], q_strides[1], k_strides[0], k_strides[1], k_strides[2]),
+         *score_scales(scale, softcap, D), q_strides[0], q_strides[1], k_strides[0], k_strides[1], k_strides[2]),
         _constexprs(Hkv, Hq // Hkv, D, k_cache.dtype, per_row, window is not None, softcap is not None, single,
                     pdl, cfg))
     if not single:

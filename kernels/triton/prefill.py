@@ -9,7 +9,6 @@ mask; tiles no query sees are never read.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from functools import cache
 
@@ -17,7 +16,8 @@ import torch
 import triton
 import triton.language as tl
 
-from fachat.kernels.triton.decode import LOG2E, Launcher, _dot, _tanh, aligned, dot_args, kernel_layout
+from fachat.kernels.triton.decode import (Launcher, _dot, _tanh, aligned, dot_args, kernel_layout, output_for,
+                                          score_scales)
 
 
 @dataclass(frozen=True)
@@ -160,17 +160,12 @@ def prefill_attention(q, k_cache, v_cache, kv_len, *, scale=None, window=None, s
     lens = kv_len.to(device=q.device, dtype=torch.int32) if per_row else q  # q stands in for the unused pointer
     if window is not None:
         window = min(window, k_cache.shape[2])  # no change in meaning; keeps it an int32 for the kernel
-    if out is None:
-        out = torch.empty((B, Hq, Lq, D), dtype=q.dtype, device=q.device)
-    elif not out.is_contiguous() or out.shape != q.shape or out.dtype != q.dtype:
-        raise ValueError(f"out must be a contiguous {tuple(q.shape)} tensor of {q.dtype}")
-    scale = 1.0 / math.sqrt(D) if scale is None else scale
+    out = output_for(q, out)
     q_strides, k_strides = q.stride(), k_cache.stride()
     key = (q.dtype, k_cache.dtype, q_strides, k_strides) if aligned(q, k_cache, v_cache, out, lens) else None
     _launch(
         (B * Hq, triton.cdiv(Lq, cfg.block_m), 1), key,
-        (q, k_cache, v_cache, out, lens, 0 if per_row else kv_len, Lq, window or 0,
-         scale / softcap if softcap is not None else scale * LOG2E, (softcap or 0.0) * LOG2E,
+        (q, k_cache, v_cache, out, lens, 0 if per_row else kv_len, Lq, window or 0, *score_scales(scale, softcap, D),
          q_strides[0], q_strides[1], q_strides[2], k_strides[0], k_strides[1], k_strides[2]),
         _constexprs(Hq, Hq // k_cache.shape[1], D, k_cache.dtype, per_row, window is not None, softcap is not None,
                     cfg))
