@@ -6,6 +6,7 @@ import copy
 import os
 import subprocess
 import sys
+import threading
 
 import pytest
 import torch
@@ -172,3 +173,64 @@ def test_session_resumes_exactly_on_the_device(head64_models, dtype, gen, seed, 
     label = f"{dtype} {engine.attention_backend}, saved after {k} tokens; seed={seed}"
     assert resumed.tokens == whole.tokens, label
     assert_exact(before.rows + after.rows, ref.rows, label)
+
+
+def test_triton_decode_workspace_reuse_stays_right(gen, seed):
+    """Triton decode keeps one partials buffer per thread and (device, stream). Calls that grow it, a
+    second thread and a second stream running alongside the default stream, and a CUDA graph captured
+    before the buffer grew (replayed after) must all agree with float64."""
+    decode = pytest.importorskip("fachat.kernels.triton.decode", reason="the triton backend needs triton")
+    from fachat.kernels import reference
+
+    def case(parts):  # partition_size 64 gives `parts` partitions: inputs, and the float64 answer
+        n = 64 * parts - randint(gen, 0, 63)
+        q = torch.randn(1, 8, 128, generator=gen).to("cuda", torch.bfloat16)
+        k, v = (torch.randn(1, 2, n + 7, 128, generator=gen).to("cuda", torch.bfloat16) for _ in range(2))
+        return (q, k, v, n), reference.decode_attention(q.double(), k.double(), v.double(), n)
+
+    def run(q, k, v, n):
+        return decode.decode_attention(q, k, v, n, partition_size=64)
+
+    def check(out, want, label):
+        err = rel_err(out.double(), want)
+        assert err < 2e-2, f"{label}: relative error {err:.2e}; seed={seed}"
+
+    graph_args, _ = case(4)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # compile outside the capture
+        run(*graph_args)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        graph_out = run(*graph_args)
+
+    for parts in (2, 8, 33, 64):  # the default stream's buffer grows past the graph's
+        args, want = case(parts)
+        check(run(*args), want, f"{parts} partitions")
+    assert decode._workspaces.buffers, "the eager calls did not keep a buffer"
+
+    jobs = {name: [case(randint(gen, 2, 40)) for _ in range(12)] for name in ("main", "thread", "stream")}
+    outs = {name: [] for name in jobs}
+
+    def work(name, stream):
+        with torch.cuda.stream(stream):
+            stream.wait_stream(torch.cuda.default_stream())
+            outs[name] += [run(*args) for args, _ in jobs[name]]
+
+    thread = threading.Thread(target=work, args=("thread", torch.cuda.default_stream()))
+    thread.start()
+    work("stream", torch.cuda.Stream())
+    work("main", torch.cuda.default_stream())
+    thread.join()
+    torch.cuda.synchronize()
+    for name, cases in jobs.items():
+        for i, ((_, want), out) in enumerate(zip(cases, outs[name])):
+            check(out, want, f"{name} call {i}")
+
+    q, k, v, n = graph_args
+    for t in (q, k, v):
+        t.copy_(torch.randn(t.shape, generator=gen).to(t))
+    graph.replay()
+    torch.cuda.synchronize()
+    check(graph_out, reference.decode_attention(q.double(), k.double(), v.double(), n), "graph replay")

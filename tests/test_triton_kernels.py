@@ -51,7 +51,7 @@ def interpreter_env():
 @pytest.fixture(autouse=True)
 def poisoned_workspace(monkeypatch):
     """Decode partials start as NaN: a partition the kernel fails to write poisons the reduce."""
-    def nan_workspace(rows, num_parts, head_dim, device):
+    def nan_workspace(rows, num_parts, head_dim, device, target):
         return torch.full((rows * num_parts * (head_dim + 2),), float("nan"), device=device)
 
     monkeypatch.setattr(decode, "workspace", nan_workspace)

@@ -13,8 +13,10 @@ Scores are kept in base 2 (scaled by log2(e)) so that the softmax uses exp2.
 from __future__ import annotations
 
 import math
+import threading
 from dataclasses import dataclass
-from functools import cache
+from functools import cache, reduce
+from operator import or_
 
 import torch
 import triton
@@ -91,15 +93,17 @@ if isinstance(tl.zeros, InterpretedFunction if not INTERPRET else triton.runtime
 
 
 class Launcher:
-    """Launches a @triton.jit kernel as kernel[grid](*args, **meta) does, in a fraction of the host time.
+    """Launches a @triton.jit kernel as kernel[grid](*tensors, *scalars, **meta) does, in a fraction of the
+    host time.
 
     A decode step launches two kernels per layer, and JITFunction.run re-derives every argument's
     specialisation on each call: 15 to 25 µs a launch on the H100 host measured, longer than the
-    kernels run at short context (both launches made directly: 13 µs). Callers pass a key that pins
-    down what Triton specialises on beyond `meta` (dtypes and strides by value, all pointers 16-byte
-    aligned); a key's first launch goes through Triton, which compiles, and later ones call the
-    compiled kernel's launcher directly. A None key (say, a misaligned view) and the interpreter always
-    take Triton's own path. Launch hooks (profilers) are called as JITFunction.run calls them.
+    kernels run at short context. Callers pass a key that pins down what Triton specialises on beyond
+    `meta` (dtypes, and strides by value); a key's first launch goes through Triton, which compiles, and
+    later ones call the compiled kernel's launcher directly, with the tensors' data pointers as integers
+    (which also skips the launcher's per-pointer driver query). Pointers not all 16-byte aligned (say, a
+    view one element in), a None key and the interpreter take Triton's own path. Launch hooks
+    (profilers) are called as Triton calls them.
     """
 
     def __init__(self, fn):
@@ -108,37 +112,43 @@ class Launcher:
         self.consts = {}  # id(meta) -> compile-time argument values in signature order
         self.direct = True  # False once this Triton's compiled-kernel launcher turned out to differ
 
-    def __call__(self, grid: tuple[int, int, int], key, args: tuple, meta: dict) -> None:
+    def __call__(self, grid: tuple[int, int, int], key, tensors: tuple, scalars: tuple, meta: dict,
+                 target: tuple[int, int] | None = None) -> None:
+        """target: launch_target()'s (device, stream), where the caller already has it."""
         # meta must live for good (callers take it from a functools.cache): its id is part of the key.
         if key is None or INTERPRET or not self.direct:
-            self.fn[grid](*args, **meta)
+            self.fn[grid](*tensors, *scalars, **meta)
             return
-        device = driver.active.get_current_device()
+        ptrs = [t.data_ptr() for t in tensors]
+        if reduce(or_, ptrs) % 16:  # Triton's specialisation marks each aligned pointer: not in the key
+            self.fn[grid](*tensors, *scalars, **meta)
+            return
+        device, stream = target or launch_target()
         key = (device, id(meta), key)
         kernel = self.kernels.get(key)
         if kernel is None:
-            self.kernels[key] = self.fn[grid](*args, **meta)
-            self.consts[id(meta)] = [meta[name] for name in self.fn.arg_names[len(args):]]
+            self.kernels[key] = self.fn[grid](*tensors, *scalars, **meta)
+            self.consts[id(meta)] = [meta[name] for name in self.fn.arg_names[len(tensors) + len(scalars):]]
             return
-        stream = driver.active.get_current_stream(device)
-        full = (*args, *self.consts[id(meta)])
+        enter, leave = knobs.runtime.launch_enter_hook, knobs.runtime.launch_exit_hook
+        consts = self.consts[id(meta)]
         try:
-            kernel.run(*grid, stream, kernel.function, kernel.packed_metadata,
-                       kernel.launch_metadata(grid, stream, *full), knobs.runtime.launch_enter_hook,
-                       knobs.runtime.launch_exit_hook, *full)
+            # Triton asks for launch metadata only for a hook (3.6: a callable; later: a non-empty chain).
+            hooked = enter is not None and getattr(enter, "calls", True)
+            metadata = kernel.launch_metadata(grid, stream, *tensors, *scalars, *consts) if hooked else None
+            kernel.run(*grid, stream, kernel.function, kernel.packed_metadata, metadata, enter, leave,
+                       *ptrs, *scalars, *consts)
         except (TypeError, AttributeError):
             # An internal API that another Triton release may shape differently (checked on 3.6): a
             # mismatch fails before anything launches, so Triton's own path takes over for good.
             self.direct = False
-            self.fn[grid](*args, **meta)
+            self.fn[grid](*tensors, *scalars, **meta)
 
 
-def aligned(*tensors: torch.Tensor) -> bool:
-    """Whether every data pointer is 16-byte aligned, as Triton's specialisation assumes for the key."""
-    ptrs = 0
-    for t in tensors:
-        ptrs |= t.data_ptr()
-    return ptrs % 16 == 0
+def launch_target() -> tuple[int, int]:
+    """(device, stream) that Triton launches on: the current CUDA device and its current stream."""
+    device = driver.active.get_current_device()
+    return device, driver.active.get_current_stream(device)
 
 
 def output_for(q: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
@@ -259,18 +269,42 @@ def _decode_reduce(Out, Work, num_parts, D: tl.constexpr, BLOCK_P: tl.constexpr,
 
 
 def kernel_layout(q, k_cache, v_cache):
-    """q, K and V as the kernels read them: unit stride along head_dim, and V with K's strides (the
-    engine's caches are already so; anything else is copied)."""
-    if q.stride(-1) != 1:
+    """q, K and V as the kernels read them, with q's and K's strides: unit stride along head_dim, and V
+    with K's strides (the engine's caches are already so; anything else is copied)."""
+    q_strides, k_strides = q.stride(), k_cache.stride()
+    if q_strides[-1] != 1:
         q = q.contiguous()
-    if k_cache.stride() != v_cache.stride() or k_cache.stride(-1) != 1:
+        q_strides = q.stride()
+    if k_strides != v_cache.stride() or k_strides[-1] != 1:
         k_cache, v_cache = k_cache.contiguous(), v_cache.contiguous()
-    return q, k_cache, v_cache
+        k_strides = k_cache.stride()
+    return q, k_cache, v_cache, q_strides, k_strides
 
 
-def workspace(rows: int, num_parts: int, head_dim: int, device: torch.device) -> torch.Tensor:
-    """fp32 partials (m, l, o) of every partition; a separate function so that tests can poison it."""
-    return torch.empty(rows * num_parts * (head_dim + 2), dtype=torch.float32, device=device)
+_workspaces = threading.local()  # .buffers: (device, stream) -> this thread's partials buffer
+
+
+def workspace(rows: int, num_parts: int, head_dim: int, device: torch.device,
+              target: tuple[int, int] | None) -> torch.Tensor:
+    """fp32 partials (m, l, o) of every partition, or a longer buffer; a separate function so that tests
+    can poison it.
+
+    Launches from one thread on one stream reuse one buffer (a new one took 5 µs of host time a call on
+    the H100 host): they run in order, so a call's partition kernel starts only after the previous
+    call's reduce has finished reading (a reduce launched early with PDL still ends before whatever is
+    launched after it). Under CUDA-graph capture each call gets a buffer of the graph's own, since a
+    graph may be replayed on any stream.
+    """
+    n = rows * num_parts * (head_dim + 2)
+    if target is None or torch.cuda.is_current_stream_capturing():
+        return torch.empty(n, dtype=torch.float32, device=device)
+    buffers = getattr(_workspaces, "buffers", None)
+    if buffers is None:
+        buffers = _workspaces.buffers = {}
+    buf = buffers.get(target)
+    if buf is None or buf.numel() < n:
+        buf = buffers[target] = torch.empty(n, dtype=torch.float32, device=device)
+    return buf
 
 
 @cache
@@ -307,11 +341,12 @@ def decode_attention(q, k_cache, v_cache, kv_len, *, scale=None, window=None, so
     the result."""
     B, Hq, D = q.shape
     Hkv = k_cache.shape[1]
-    cfg = cfg or config(D, k_cache.dtype)
-    q, k_cache, v_cache = kernel_layout(q, k_cache, v_cache)
+    device, kv_dtype = q.device, k_cache.dtype
+    cfg = cfg or config(D, kv_dtype)
+    q, k_cache, v_cache, q_strides, k_strides = kernel_layout(q, k_cache, v_cache)
     per_row = not isinstance(kv_len, int)
     if per_row:
-        lens = kv_len.to(device=q.device, dtype=torch.int32)
+        lens = kv_len.to(device=device, dtype=torch.int32)
         span = int(lens.max())
     else:
         lens, span = q, kv_len  # q stands in for the unused lengths pointer
@@ -319,21 +354,22 @@ def decode_attention(q, k_cache, v_cache, kv_len, *, scale=None, window=None, so
         window = min(window, k_cache.shape[2])  # no change in meaning; keeps it an int32 for the kernel
         span = min(span, window)
     if partition_size is None:
-        part_size, num_parts = split(span, B * Hkv, _sm_count(q.device), cfg)
+        part_size, num_parts = split(span, B * Hkv, _sm_count(device), cfg)
     else:
         part_size, num_parts = partition_size, -(-span // partition_size)
     out = output_for(q, out)
     single = num_parts == 1
-    pdl = _pdl(q.device)
-    work = out if single else workspace(B * Hq, num_parts, D, q.device)
-    q_strides, k_strides = q.stride(), k_cache.stride()
-    key = (q.dtype, k_cache.dtype, q_strides, k_strides) if aligned(q, k_cache, v_cache, out, work, lens) else None
+    pdl = _pdl(device)
+    target = None if INTERPRET else launch_target()
+    work = out if single else workspace(B * Hq, num_parts, D, device, target)
+    key = (q.dtype, kv_dtype, q_strides, k_strides)
     _launch_partition(
-        (B * Hkv, num_parts, 1), key,
-        (q, k_cache, v_cache, out, work, lens, 0 if per_row else kv_len, window or 0, part_size, num_parts,
-         *score_scales(scale, softcap, D), q_strides[0], q_strides[1], k_strides[0], k_strides[1], k_strides[2]),
-        _constexprs(Hkv, Hq // Hkv, D, k_cache.dtype, per_row, window is not None, softcap is not None, single,
-                    pdl, cfg))
+        (B * Hkv, num_parts, 1), key, (q, k_cache, v_cache, out, work, lens),
+        (0 if per_row else kv_len, window or 0, part_size, num_parts, *score_scales(scale, softcap, D),
+         q_strides[0], q_strides[1], k_strides[0], k_strides[1], k_strides[2]),
+        _constexprs(Hkv, Hq // Hkv, D, kv_dtype, per_row, window is not None, softcap is not None, single, pdl, cfg),
+        target)
     if not single:
-        _launch_reduce((B * Hq, 1, 1), key and q.dtype, (out, work, num_parts), _reduce_constexprs(D, num_parts, pdl))
+        _launch_reduce((B * Hq, 1, 1), q.dtype, (out, work), (num_parts,), _reduce_constexprs(D, num_parts, pdl),
+                       target)
     return out

@@ -16,8 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fachat.kernels.triton.decode import (Launcher, _dot, _tanh, aligned, dot_args, kernel_layout, output_for,
-                                          score_scales)
+from fachat.kernels.triton.decode import Launcher, _dot, _tanh, dot_args, kernel_layout, output_for, score_scales
 
 
 @dataclass(frozen=True)
@@ -155,17 +154,16 @@ def prefill_attention(q, k_cache, v_cache, kv_len, *, scale=None, window=None, s
     the result."""
     B, Hq, Lq, D = q.shape
     cfg = cfg or config(D, k_cache.dtype)
-    q, k_cache, v_cache = kernel_layout(q, k_cache, v_cache)
+    q, k_cache, v_cache, q_strides, k_strides = kernel_layout(q, k_cache, v_cache)
     per_row = not isinstance(kv_len, int)
     lens = kv_len.to(device=q.device, dtype=torch.int32) if per_row else q  # q stands in for the unused pointer
     if window is not None:
         window = min(window, k_cache.shape[2])  # no change in meaning; keeps it an int32 for the kernel
     out = output_for(q, out)
-    q_strides, k_strides = q.stride(), k_cache.stride()
-    key = (q.dtype, k_cache.dtype, q_strides, k_strides) if aligned(q, k_cache, v_cache, out, lens) else None
     _launch(
-        (B * Hq, triton.cdiv(Lq, cfg.block_m), 1), key,
-        (q, k_cache, v_cache, out, lens, 0 if per_row else kv_len, Lq, window or 0, *score_scales(scale, softcap, D),
+        (B * Hq, triton.cdiv(Lq, cfg.block_m), 1), (q.dtype, k_cache.dtype, q_strides, k_strides),
+        (q, k_cache, v_cache, out, lens),
+        (0 if per_row else kv_len, Lq, window or 0, *score_scales(scale, softcap, D),
          q_strides[0], q_strides[1], q_strides[2], k_strides[0], k_strides[1], k_strides[2]),
         _constexprs(Hq, Hq // k_cache.shape[1], D, k_cache.dtype, per_row, window is not None, softcap is not None,
                     cfg))
