@@ -102,7 +102,7 @@ class Launcher:
     `meta` (dtypes, and strides by value); a key's first launch goes through Triton, which compiles, and
     later ones call the compiled kernel's launcher directly, with the tensors' data pointers as integers
     (which also skips the launcher's per-pointer driver query). Pointers not all 16-byte aligned (say, a
-    view one element in), a None key and the interpreter take Triton's own path. Launch hooks
+    view one element in) and the interpreter take Triton's own path. Launch hooks
     (profilers) are called as Triton calls them.
     """
 
@@ -116,7 +116,7 @@ class Launcher:
                  target: tuple[int, int] | None = None) -> None:
         """target: launch_target()'s (device, stream), where the caller already has it."""
         # meta must live for good (callers take it from a functools.cache): its id is part of the key.
-        if key is None or INTERPRET or not self.direct:
+        if INTERPRET or not self.direct:
             self.fn[grid](*tensors, *scalars, **meta)
             return
         ptrs = [t.data_ptr() for t in tensors]
