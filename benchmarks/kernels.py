@@ -1,19 +1,23 @@
 """The triton attention kernels against torch's scaled_dot_product_attention, on one CUDA GPU.
 
     python benchmarks/kernels.py [--out benchmarks/results/kernels_h100.json] [--sweep] [--profile]
+    ncu --clock-control none --kernel-name regex:'decode|prefill|flash|fmha|sdpa' \
+        --section SpeedOfLight python benchmarks/kernels.py --ncu decode:16384
 
 GPU time: a CUDA graph of many calls, each on another of several input sets (so that L2 never holds
 the set a call reads), replayed and timed with events; the median over replays, per call. It leaves
 out the host's launch overhead, which "eager µs" shows: wall time per call of back-to-back calls
-without a graph, as an engine without graphs sees it. do_bench µs is triton.testing.do_bench (a 256 MB
-memset before each call to flush L2, events around the call); on an H100 it reads 12-14 µs above the
-graph's time for either side, likely the write-back of L2 lines the memset leaves dirty (not verified).
+without a graph, as an engine without graphs sees it (rounds of triton and SDPA in turns, median).
+do_bench µs is triton.testing.do_bench (a 256 MB memset before each call to flush L2, events around
+the call); on an H100 it reads 12-14 µs above the graph's time for either side, likely the write-back
+of L2 lines the memset leaves dirty (not verified).
 Decode: batch 1, 32 query heads over 8 KV heads, head_dim 128, bf16, T from 1k to 128k; GB/s of K/V
 read, and that as a fraction of the device-to-device copy bandwidth measured in the same run (bytes
 read + written).
 Prefill: causal at L = 2k, 8k, 32k, and a 512-token chunk onto 8k of cached past (SDPA with an explicit
 bottom-right mask), in TFLOP/s (4 * heads * head_dim * visible query-key pairs).
---sweep times alternative block configurations; --profile prints torch.profiler's kernel table.
+--sweep times alternative block configurations; --profile prints torch.profiler's kernel table; --ncu
+decode:T or prefill:L only runs that case (triton, then SDPA), for Nsight Compute to profile.
 Prints a table; writes JSON and a PNG beside it.
 """
 from __future__ import annotations
@@ -41,28 +45,34 @@ def bench_us(fn) -> float:
     return do_bench(fn, warmup=100, rep=400, return_mode="median") * 1e3
 
 
-def gpu_us(calls: list, calls_per_graph: int = 64, replays: int = 15) -> float:
-    """Median GPU µs per call of a CUDA graph that runs `calls` round robin (one per input set)."""
+def gpu_us(calls: dict, calls_per_graph: int = 64, replays: int = 15) -> dict:
+    """Median GPU µs per call, for each name of `calls`, of a CUDA graph that runs that name's calls round
+    robin (one per input set). The graphs replay in turns: under a long load the H100 holds its power
+    cap by lowering the clock, and taking turns lets that weigh on every name alike."""
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):  # compile and warm up outside the capture
-        for fn in calls:
-            fn()
+        for fns in calls.values():
+            for fn in fns:
+                fn()
     torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for i in range(calls_per_graph):
-            calls[i % len(calls)]()
-    graph.replay()
-    times = []
+    graphs = {}
+    for name, fns in calls.items():
+        graphs[name] = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graphs[name]):
+            for i in range(calls_per_graph):
+                fns[i % len(fns)]()
+        graphs[name].replay()
+    times = {name: [] for name in calls}
     for _ in range(replays):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) * 1e3 / calls_per_graph)
-    return sorted(times)[len(times) // 2]
+        for name, graph in graphs.items():
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            graph.replay()
+            end.record()
+            end.synchronize()
+            times[name].append(start.elapsed_time(end) * 1e3 / calls_per_graph)
+    return {name: sorted(t)[len(t) // 2] for name, t in times.items()}
 
 
 def sets_for(nbytes: int) -> int:
@@ -70,15 +80,21 @@ def sets_for(nbytes: int) -> int:
     return max(2, -(-3 * L2_BYTES // nbytes))
 
 
-def eager_us(fn, n: int = 200) -> float:
-    """Wall µs per call of n back-to-back calls: the host's launch overhead where it exceeds the GPU's time."""
-    fn()
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(n):
+def eager_us(fns: dict, n: int = 1000, rounds: int = 5) -> dict:
+    """Wall µs per call of n back-to-back calls, the host's launch overhead where it exceeds the GPU's
+    time: the median of `rounds`, taken in turns by each of fns, so that drift on the host hits all alike."""
+    times = {name: [] for name in fns}
+    for name, fn in fns.items():
         fn()
-    torch.cuda.synchronize()
-    return (time.perf_counter() - t0) / n * 1e6
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            for _ in range(n):
+                fn()
+            torch.cuda.synchronize()
+            times[name].append((time.perf_counter() - t0) / n * 1e6)
+    return {name: sorted(t)[len(t) // 2] for name, t in times.items()}
 
 
 def copy_bandwidth() -> float:
@@ -117,10 +133,10 @@ def bench_decode(T: int, copy_gbps: float, sms: int) -> dict:
     row = {"T": T, "kv_MB": gb * 1e3, "sets": len(ins),
            "partitions": decode.split(T, HKV, sms, decode.config(D, DTYPE))[1],
            "err": rel_err(ours[0](), sdpa[0]()[:, :, 0])}
-    for name, fns in (("triton", ours), ("sdpa", sdpa)):
-        us = gpu_us(fns)
-        row |= {f"{name}_us": us, f"{name}_GBps": gb / us * 1e6, f"{name}_frac": gb / us * 1e6 / copy_gbps,
-                f"{name}_do_bench_us": bench_us(fns[0]), f"{name}_eager_us": eager_us(fns[0])}
+    for name, us in gpu_us({"triton": ours, "sdpa": sdpa}).items():
+        row |= {f"{name}_us": us, f"{name}_GBps": gb / us * 1e6, f"{name}_frac": gb / us * 1e6 / copy_gbps}
+    row |= {f"{name}_do_bench_us": bench_us(fns[0]) for name, fns in (("triton", ours), ("sdpa", sdpa))}
+    row |= {f"{name}_eager_us": us for name, us in eager_us({"triton": ours[0], "sdpa": sdpa[0]}).items()}
     return row
 
 
@@ -140,38 +156,54 @@ def bench_prefill(kind: str, L: int, past: int) -> dict:
         sdpa = [lambda q=q, k=k, v=v: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
                 for q, k, v in ins]
     row = {"case": kind, "L": L, "past": past, "err": rel_err(ours[0](), sdpa[0]())}
-    for name, fns in (("triton", ours), ("sdpa", sdpa)):
-        us = gpu_us(fns, calls_per_graph=max(len(fns), 8), replays=5)
-        row |= {f"{name}_us": us, f"{name}_TFLOPs": prefill_flops(L, past) / us / 1e6,
-                f"{name}_do_bench_us": bench_us(fns[0])}
+    for name, us in gpu_us({"triton": ours, "sdpa": sdpa}, calls_per_graph=max(len(ours), 8), replays=7).items():
+        row |= {f"{name}_us": us, f"{name}_TFLOPs": prefill_flops(L, past) / us / 1e6}
+    row |= {f"{name}_do_bench_us": bench_us(fns[0]) for name, fns in (("triton", ours), ("sdpa", sdpa))}
     row["ratio"] = row["triton_TFLOPs"] / row["sdpa_TFLOPs"]
     return row
 
 
-def sweep() -> list[dict]:
+SWEEP_T = (1024, 16384, 32768, 131072)
+# (block_n, num_warps, num_stages) compiled, each split for 1 to 4 programs per multiprocessor.
+SWEEP_DECODE = [(64, 4, 3), (64, 4, 2), (64, 4, 4), (64, 8, 3), (128, 4, 2), (128, 4, 3), (128, 8, 2),
+                (128, 8, 3), (32, 4, 4), (32, 2, 4)]
+
+
+def sweep(copy_gbps: float) -> list[dict]:
     """Alternative block configurations of the triton kernels alone (GPU µs); the defaults are marked."""
     def time_cfg(calls):
         try:
-            return gpu_us(calls, calls_per_graph=max(len(calls), 16), replays=5)
+            return gpu_us({"cfg": calls}, calls_per_graph=max(len(calls), 16), replays=5)["cfg"]
         except (triton.runtime.errors.OutOfResources, triton.compiler.errors.CompilationError) as e:
             return type(e).__name__
 
+    def frac(T, us):
+        if isinstance(us, str):
+            return us
+        return f"{us:.1f} µs ({2 * HKV * T * D * DTYPE.itemsize / us / 1e3 / copy_gbps:.0%})"
+
     rows = []
     base = decode.config(D, DTYPE)
-    cfgs = [decode.DecodeConfig(64, 4, st, pps, mp) for st in (3, 4) for pps in (1, 2, 3) for mp in (64, 128)]
-    inputs = {T: [decode_inputs(T) for _ in range(sets_for(2 * HKV * T * D * DTYPE.itemsize))]
-              for T in (1024, 2048, 16384, 131072)}
-    for cfg in cfgs:
-        us = {T: time_cfg([lambda q=q, k=k, v=v, T=T, cfg=cfg: decode.decode_attention(q, k, v, T, cfg=cfg)
-                           for q, k, v in ins])
-              for T, ins in inputs.items()}
-        rows.append({"kernel": "decode", "cfg": cfg.__dict__, "default": cfg == base, "us": us})
-        print(rows[-1], flush=True)
+    inputs = {T: [decode_inputs(T) for _ in range(sets_for(2 * HKV * T * D * DTYPE.itemsize))] for T in SWEEP_T}
+    us = {T: time_cfg([lambda q=q, k=k, v=v: F.scaled_dot_product_attention(q[:, :, None], k, v, enable_gqa=True)
+                       for q, k, v in ins]) for T, ins in inputs.items()}
+    rows.append({"kernel": "decode", "cfg": "sdpa", "default": False, "us": us})
+    print("decode sdpa:", "  ".join(f"{T // 1024}k {frac(T, u)}" for T, u in us.items()), flush=True)
+    for block_n, warps, stages in SWEEP_DECODE:
+        for per_sm in (1, 2, 3, 4):
+            cfg = decode.DecodeConfig(block_n, warps, stages, per_sm, block_n)
+            us = {T: time_cfg([lambda q=q, k=k, v=v, T=T, c=cfg: decode.decode_attention(q, k, v, T, cfg=c)
+                               for q, k, v in ins])
+                  for T, ins in inputs.items()}
+            rows.append({"kernel": "decode", "cfg": cfg.__dict__, "default": cfg == base, "us": us})
+            print(f"decode {cfg}{' (default)' if cfg == base else ''}:",
+                  "  ".join(f"{T // 1024}k {frac(T, u)}" for T, u in us.items()), flush=True)
     del inputs
     for d in (D, 64):  # the benchmark's head_dim, and SmolLM2's
         pbase = prefill.config(d, DTYPE)
         inputs = {(L, past): [prefill_inputs(L, past, d)] for _, L, past in PREFILL[1:]}
-        for bm, bn, w, st in [(128, 64, 8, 3), (128, 64, 8, 4), (128, 128, 8, 3), (128, 64, 4, 3), (64, 64, 4, 3)]:
+        for bm, bn, w, st in [(128, 64, 8, 3), (128, 64, 8, 2), (128, 64, 8, 4), (128, 128, 8, 2), (128, 128, 8, 3),
+                              (128, 64, 4, 3), (64, 64, 4, 3), (64, 128, 4, 3)]:
             cfg = prefill.PrefillConfig(bm, bn, w, st)
             res = {}
             for (L, past), ins in inputs.items():
@@ -181,6 +213,28 @@ def sweep() -> list[dict]:
             rows.append({"kernel": f"prefill D={d}", "cfg": cfg.__dict__, "default": cfg == pbase, "TFLOPs": res})
             print(rows[-1], flush=True)
     return rows
+
+
+def ncu_target(case: str) -> None:
+    """decode:T (T keys) or prefill:L (causal, L tokens), triton then SDPA, a few calls each: a small
+    program for Nsight Compute to profile."""
+    kind, _, n = case.partition(":")
+    n = int(n)
+    if kind == "decode":
+        ins = [decode_inputs(n) for _ in range(5)]
+        for q, k, v in ins:
+            decode.decode_attention(q, k, v, n)
+        for q, k, v in ins:
+            F.scaled_dot_product_attention(q[:, :, None], k, v, enable_gqa=True)
+    elif kind == "prefill":
+        q, k, v = prefill_inputs(n, 0)
+        for _ in range(2):
+            prefill.prefill_attention(q, k, v, n)
+        for _ in range(2):
+            F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+    else:
+        raise SystemExit(f"--ncu takes decode:T or prefill:L, not {case!r}")
+    torch.cuda.synchronize()
 
 
 def profile() -> None:
@@ -247,14 +301,18 @@ def main() -> None:
     ap.add_argument("--out", default="benchmarks/results/kernels_h100.json")
     ap.add_argument("--sweep", action="store_true", help="also time alternative block configurations")
     ap.add_argument("--profile", action="store_true", help="also print torch.profiler kernel tables")
+    ap.add_argument("--ncu", metavar="CASE", help="only run decode:T or prefill:L, for Nsight Compute")
     args = ap.parse_args()
     torch.manual_seed(0)
+    if args.ncu:
+        ncu_target(args.ncu)
+        return
     result = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
                   python=platform.python_version(), decode_config=decode.config(D, DTYPE).__dict__,
                   prefill_config=prefill.config(D, DTYPE).__dict__)
-    if args.sweep:
-        result["sweep"] = sweep()
     result["copy_GBps"] = copy_bandwidth()
+    if args.sweep:
+        result["sweep"] = sweep(result["copy_GBps"])
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     result["decode"] = [bench_decode(T, result["copy_GBps"], sms) for T in DECODE_T]
     result["prefill"] = [bench_prefill(*case) for case in PREFILL]
