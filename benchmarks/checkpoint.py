@@ -26,12 +26,9 @@ from fachat import Engine
 from fachat.models import default_model
 
 import plots  # benchmarks/plots.py, beside this script
+from decode_cpu import prompt_ids
 
 RESULTS = Path(__file__).parent / "results"
-TEXT = ("The history of computing is a story of abstraction layered on abstraction. Early machines were wired "
-        "by hand; later, stored programs let the same hardware run many tasks. Compilers translated human-readable "
-        "code into machine instructions, and operating systems shared one processor among many programs. ")
-
 
 def timed(fn) -> float:
     t0 = time.perf_counter()
@@ -62,9 +59,7 @@ def main() -> None:
 
     engine = Engine.load(a.model or default_model(), device="cpu", dtype="float32")
     fingerprint_s = timed(lambda: engine.fingerprint)  # once per engine, on the first save or load
-    ids: list[int] = []
-    while len(ids) < max(a.tokens):
-        ids += engine.tokenizer.encode(TEXT)
+    ids = prompt_ids(engine, max(a.tokens))
     session = engine.session()
     folder = Path(a.dir or tempfile.mkdtemp(prefix="fachat-ckpt-"))
     path = folder / "session.safetensors"

@@ -109,11 +109,20 @@ def rel_err(a, b) -> float:
     return ((a.float() - b.float()).abs().max() / b.float().abs().max()).item()
 
 
+def kv_bytes(T: int) -> int:
+    return 2 * HKV * T * D * DTYPE.itemsize
+
+
 def decode_inputs(T: int):
     q = torch.randn(1, HQ, D, device="cuda", dtype=DTYPE)
     k = torch.randn(1, HKV, T, D, device="cuda", dtype=DTYPE)
     v = torch.randn(1, HKV, T, D, device="cuda", dtype=DTYPE)
     return q, k, v
+
+
+def decode_sets(T: int) -> list:
+    """Enough decode input sets of T keys to rotate through with none in L2 when its turn comes."""
+    return [decode_inputs(T) for _ in range(sets_for(kv_bytes(T)))]
 
 
 def prefill_inputs(L: int, past: int, d: int = D):
@@ -125,11 +134,11 @@ def prefill_inputs(L: int, past: int, d: int = D):
 
 
 def bench_decode(T: int, copy_gbps: float, sms: int) -> dict:
-    ins = [decode_inputs(T) for _ in range(sets_for(2 * HKV * T * D * DTYPE.itemsize))]
+    ins = decode_sets(T)
     ours = [lambda q=q, k=k, v=v: decode.decode_attention(q, k, v, T) for q, k, v in ins]
     sdpa = [lambda q=q, k=k, v=v: F.scaled_dot_product_attention(q[:, :, None], k, v, enable_gqa=True)
             for q, k, v in ins]
-    gb = 2 * HKV * T * D * DTYPE.itemsize / 1e9
+    gb = kv_bytes(T) / 1e9
     row = {"T": T, "kv_MB": gb * 1e3, "sets": len(ins),
            "partitions": decode.split(T, HKV, sms, decode.config(D, DTYPE))[1],
            "err": rel_err(ours[0](), sdpa[0]()[:, :, 0])}
@@ -180,11 +189,11 @@ def sweep(copy_gbps: float) -> list[dict]:
     def frac(T, us):
         if isinstance(us, str):
             return us
-        return f"{us:.1f} µs ({2 * HKV * T * D * DTYPE.itemsize / us / 1e3 / copy_gbps:.0%})"
+        return f"{us:.1f} µs ({kv_bytes(T) / us / 1e3 / copy_gbps:.0%})"
 
     rows = []
     base = decode.config(D, DTYPE)
-    inputs = {T: [decode_inputs(T) for _ in range(sets_for(2 * HKV * T * D * DTYPE.itemsize))] for T in SWEEP_T}
+    inputs = {T: decode_sets(T) for T in SWEEP_T}
     us = {T: time_cfg([lambda q=q, k=k, v=v: F.scaled_dot_product_attention(q[:, :, None], k, v, enable_gqa=True)
                        for q, k, v in ins]) for T, ins in inputs.items()}
     rows.append({"kernel": "decode", "cfg": "sdpa", "default": False, "us": us})
@@ -241,7 +250,7 @@ def profile() -> None:
     from torch.profiler import ProfilerActivity, profile as torch_profile
 
     for T in (1024, 16384, 131072):
-        ins = [decode_inputs(T) for _ in range(sets_for(2 * HKV * T * D * DTYPE.itemsize))]
+        ins = decode_sets(T)
         for q, k, v in ins:
             decode.decode_attention(q, k, v, T)
         with torch_profile(activities=[ProfilerActivity.CUDA]) as prof:

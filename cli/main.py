@@ -64,8 +64,8 @@ def sampling_flags(args) -> dict:
 
 def stats_line(gen) -> str:
     s = gen.stats
-    return (f"[{s.prompt_tokens} context tokens ({s.cached_tokens} cached), {s.new_tokens} new; first token {s.time_to_first_token * 1e3:.0f} ms; "
-            f"prefill {s.prefill_tokens_per_s:.1f} tok/s, decode {s.decode_tokens_per_s:.1f} tok/s]")
+    return (f"{s.prompt_tokens} context tokens ({s.cached_tokens} cached), {s.new_tokens} new; first token {s.time_to_first_token * 1e3:.0f} ms; "
+            f"prefill {s.prefill_tokens_per_s:.1f} tok/s, decode {s.decode_tokens_per_s:.1f} tok/s")
 
 
 def print_stats(session) -> None:
@@ -75,7 +75,7 @@ def print_stats(session) -> None:
     print(f"KV cache: {cache.length} positions cached, capacity {cache.capacity}, "
           f"{cache.nbytes / mib:.1f} MiB allocated, {cache.live_nbytes / mib:.1f} MiB live")
     gen = session.last_generation
-    print("last answer: none yet" if gen is None else "last answer: " + stats_line(gen)[1:-1])
+    print("last answer: none yet" if gen is None else "last answer: " + stats_line(gen))
 
 
 def stream_answer(session, message: str, verbose: bool):
@@ -101,7 +101,7 @@ def stream_answer(session, message: str, verbose: bool):
         print(f"[context full: {session.engine.max_seq_len} tokens. Use /reset or /undo, "
               "or restart with a larger --max-seq-len]", file=sys.stderr)
     if verbose:
-        print(stats_line(gen), file=sys.stderr)
+        print(f"[{stats_line(gen)}]", file=sys.stderr)
     return gen
 
 

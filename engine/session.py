@@ -270,10 +270,12 @@ class Session:
             part = [tuple(u.narrow(2, offset, t["kv"]) for u in undo) for undo in (ckpt.undo_keys, ckpt.undo_values)]
             turns.append(_Turn(t["messages"], t["start"], tuple(t["tokens"]), to_engine(part[0]), to_engine(part[1])))
             offset += t["kv"]
+        # The live K/V only pass through: the cache copies them onto its device, so they get the dtype alone.
         snapshot = Snapshot(engine, tuple(meta["tokens"]), system,
                             tuple((m["role"], m["content"]) for m in conversation), tuple(turns),
                             SamplingParams(**meta["sampling"]), _decode_rng(meta["rng"]),
-                            to_engine(ckpt.keys), to_engine(ckpt.values), None)
+                            tuple(t.to(dtype=engine.dtype) for t in ckpt.keys),
+                            tuple(t.to(dtype=engine.dtype) for t in ckpt.values), None)
         session = cls(engine)
         session._restore(snapshot)
         return session

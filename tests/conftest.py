@@ -74,12 +74,24 @@ def tiny_llama(tiny_models) -> tuple[Path, object]:
     return tiny_models("llama")
 
 
+@pytest.fixture(scope="session")
+def tiny_dir(tiny_llama) -> Path:
+    """The tiny llama's folder, for `fa-chat --model`."""
+    return tiny_llama[0]
+
+
 @pytest.fixture
 def llama_engine(tiny_llama):
     """A freshly loaded float32 CPU engine of the tiny llama (fresh, so tests may change it)."""
     import fachat
 
     return fachat.Engine.load(tiny_llama[0], device="cpu", dtype="float32")
+
+
+@pytest.fixture
+def eng(llama_engine):
+    llama_engine.tokenizer.eos_token_ids = []  # answers run to max_new_tokens: runs have known lengths
+    return llama_engine
 
 
 

@@ -23,12 +23,6 @@ from test_session import MODES, Logits, assert_cache_holds, assert_exact, randin
 from tiny import make_tiny_model
 
 
-@pytest.fixture
-def eng(llama_engine):
-    llama_engine.tokenizer.eos_token_ids = []
-    return llama_engine
-
-
 def chatted(eng, gen, seed, turns=2, **kw):
     session = eng.session(system=words(gen, 3), max_new_tokens=6, temperature=1.0, seed=seed, **kw)
     for _ in range(turns):
@@ -284,11 +278,7 @@ def flipped_data(good, bad, eng, tmp_path, gen):
 
 def other_weights(good, bad, eng, tmp_path, gen):
     """The same architecture and config, other weights: only the sampled weight values tell them apart."""
-    make_tiny_model(tmp_path / "other", "llama", seed=randint(gen, 0, 2 ** 31))
-    other = fachat.Engine.load(tmp_path / "other", device="cpu", dtype="float32")
-    s = other.session(max_new_tokens=3, temperature=0)
-    s.chat("hello")
-    s.save(bad)
+    other_variant(good, bad, eng, tmp_path, gen, variant="llama")
 
 
 def other_variant(good, bad, eng, tmp_path, gen, variant="llama-tied-mqa"):

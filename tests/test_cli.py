@@ -8,14 +8,6 @@ import sys
 import pytest
 
 from fachat import Engine
-from tiny import make_tiny_model
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("cli") / "tiny"
-    make_tiny_model(path, "llama")
-    return path
 
 
 def fa_chat(*args, stdin: str = "", timeout: float = 120):

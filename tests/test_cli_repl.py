@@ -11,19 +11,11 @@ import torch
 
 from fachat import Engine
 from fachat.engine.generate import prefill
-from tiny import make_tiny_model
 
 pexpect = pytest.importorskip("pexpect", reason="pexpect drives the REPL through a pseudo-terminal")
 
 PROMPT = ">>> "
 ANSI = re.compile(rb"\x1b\[[0-9;?]*[A-Za-z]")
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("repl") / "tiny"
-    make_tiny_model(path, "llama")
-    return path
 
 
 class Repl:
@@ -56,7 +48,7 @@ class Repl:
         return self.child.exitstatus
 
 
-def test_save_quit_resume_continues_exactly_like_an_unbroken_run(tmp_path, tiny_dir, seed):
+def test_save_quit_resume_continues_exactly_like_an_unbroken_run(tmp_path, tiny_dir, llama_engine, seed):
     """Sampled chat, /save, quit, `fa-chat --resume` (model taken from the file), continue: the answers,
     the conversation and the final KV cache equal those of one uninterrupted run with the same seed."""
     flags = ["--max-tokens", "10", "--temperature", "1.0", "--seed", str(seed)]
@@ -79,7 +71,7 @@ def test_save_quit_resume_continues_exactly_like_an_unbroken_run(tmp_path, tiny_
     assert second.quit() == 0
 
     assert resumed == unbroken
-    engine = Engine.load(tiny_dir, device="cpu")
+    engine = llama_engine
     a, b = engine.load_session(tmp_path / "whole.safetensors"), engine.load_session(tmp_path / "resumed.safetensors")
     assert a.tokens == b.tokens and a.messages == b.messages
     assert [m["content"] for m in a.messages if m["role"] == "user"] == turns
@@ -95,7 +87,7 @@ def test_save_quit_resume_continues_exactly_like_an_unbroken_run(tmp_path, tiny_
     assert ref.tokens == a.tokens and ref.messages == a.messages
 
 
-def test_commands_undo_system_reset_stats_and_errors(tmp_path, tiny_dir):
+def test_commands_undo_system_reset_stats_and_errors(tmp_path, tiny_dir, llama_engine):
     repl = Repl(tmp_path, "--model", str(tiny_dir), "--max-tokens", "6", "--temperature", "0")
     repl.say("hello there")
     stats = repl.say("/stats").decode()
@@ -113,7 +105,7 @@ def test_commands_undo_system_reset_stats_and_errors(tmp_path, tiny_dir):
 
     assert b"system prompt set" in repl.say("/system You are a pirate.")
     repl.say("ahoy")
-    engine = Engine.load(tiny_dir, device="cpu")
+    engine = llama_engine
     ref = engine.session(system="You are a pirate.", max_new_tokens=6, temperature=0)
     ref.chat("ahoy")
     repl.say("/save sys.safetensors")

@@ -15,6 +15,7 @@ from conftest import derive_seed
 from fachat import Engine
 from fachat.engine.generate import PREFILL_CHUNK, prefill
 from fachat.kernels import BACKEND_ENV
+from test_models_tiny import rel_err
 from test_session import Logits, assert_exact, randint, random_prompt
 from tiny import make_tiny_model
 
@@ -96,10 +97,6 @@ def step_logits(engine, ids, n_prompt):
     for t in ids[n_prompt:]:
         out.append(engine.model(torch.tensor([[t]], device="cuda"), cache)[0])
     return torch.stack(out)
-
-
-def rel_err(a, b):
-    return ((a - b).abs().max() / b.abs().max()).item()
 
 
 @pytest.mark.parametrize("variant", ["llama", "llama-tied-mqa", "mistral-window", "qwen2"])

@@ -20,12 +20,6 @@ MODES = {"greedy": dict(temperature=0),
          "penalty": dict(temperature=0.8, min_p=0.05, repetition_penalty=1.4)}
 
 
-@pytest.fixture
-def eng(llama_engine):
-    llama_engine.tokenizer.eos_token_ids = []  # answers run to max_new_tokens: runs have known lengths
-    return llama_engine
-
-
 def words(gen, n=6) -> str:
     return " ".join(WORDS[i] for i in torch.randint(0, len(WORDS), (n,), generator=gen).tolist())
 

@@ -108,8 +108,7 @@ class Launcher:
 
     def __init__(self, fn):
         self.fn = fn
-        self.kernels = {}
-        self.consts = {}  # id(meta) -> compile-time argument values in signature order
+        self.kernels = {}  # key -> (compiled kernel, compile-time argument values in signature order)
         self.direct = True  # False once this Triton's compiled-kernel launcher turned out to differ
 
     def __call__(self, grid: tuple[int, int, int], key, tensors: tuple, scalars: tuple, meta: dict,
@@ -125,13 +124,13 @@ class Launcher:
             return
         device, stream = target or launch_target()
         key = (device, id(meta), key)
-        kernel = self.kernels.get(key)
-        if kernel is None:
-            self.kernels[key] = self.fn[grid](*tensors, *scalars, **meta)
-            self.consts[id(meta)] = [meta[name] for name in self.fn.arg_names[len(tensors) + len(scalars):]]
+        entry = self.kernels.get(key)
+        if entry is None:
+            self.kernels[key] = (self.fn[grid](*tensors, *scalars, **meta),
+                                 [meta[name] for name in self.fn.arg_names[len(tensors) + len(scalars):]])
             return
+        kernel, consts = entry
         enter, leave = knobs.runtime.launch_enter_hook, knobs.runtime.launch_exit_hook
-        consts = self.consts[id(meta)]
         try:
             # Triton asks for launch metadata only for a hook (3.6: a callable; later: a non-empty chain).
             hooked = enter is not None and getattr(enter, "calls", True)
