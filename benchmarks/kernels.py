@@ -45,10 +45,10 @@ def bench_us(fn) -> float:
     return do_bench(fn, warmup=100, rep=400, return_mode="median") * 1e3
 
 
-def gpu_us(calls: dict, calls_per_graph: int = 64, replays: int = 15) -> dict:
-    """Median GPU µs per call, for each name of `calls`, of a CUDA graph that runs that name's calls round
-    robin (one per input set). The graphs replay in turns: under a long load the H100 holds its power
-    cap by lowering the clock, and taking turns lets that weigh on every name alike."""
+def gpu_times(calls: dict, calls_per_graph: int = 64, replays: int = 15) -> dict:
+    """GPU µs per call of each replay, for each name of `calls`, of a CUDA graph that runs that name's calls
+    round robin (one per input set). The graphs replay in turns: under a long load the H100 holds its
+    power cap by lowering the clock, and taking turns lets that weigh on every name alike."""
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):  # compile and warm up outside the capture
@@ -72,7 +72,16 @@ def gpu_us(calls: dict, calls_per_graph: int = 64, replays: int = 15) -> dict:
             end.record()
             end.synchronize()
             times[name].append(start.elapsed_time(end) * 1e3 / calls_per_graph)
-    return {name: sorted(t)[len(t) // 2] for name, t in times.items()}
+    return times
+
+
+def median(xs: list) -> float:
+    return sorted(xs)[len(xs) // 2]
+
+
+def gpu_us(calls: dict, calls_per_graph: int = 64, replays: int = 15) -> dict:
+    """Median of gpu_times for each name."""
+    return {name: median(t) for name, t in gpu_times(calls, calls_per_graph, replays).items()}
 
 
 def sets_for(nbytes: int) -> int:
@@ -94,7 +103,7 @@ def eager_us(fns: dict, n: int = 1000, rounds: int = 5) -> dict:
                 fn()
             torch.cuda.synchronize()
             times[name].append((time.perf_counter() - t0) / n * 1e6)
-    return {name: sorted(t)[len(t) // 2] for name, t in times.items()}
+    return {name: median(t) for name, t in times.items()}
 
 
 def copy_bandwidth() -> float:
@@ -164,11 +173,17 @@ def bench_prefill(kind: str, L: int, past: int) -> dict:
     else:
         sdpa = [lambda q=q, k=k, v=v: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
                 for q, k, v in ins]
-    row = {"case": kind, "L": L, "past": past, "err": rel_err(ours[0](), sdpa[0]())}
-    for name, us in gpu_us({"triton": ours, "sdpa": sdpa}, calls_per_graph=max(len(ours), 8), replays=7).items():
-        row |= {f"{name}_us": us, f"{name}_TFLOPs": prefill_flops(L, past) / us / 1e6}
+    cfg = prefill.config_for(ins[0][0].shape, DTYPE, ins[0][0].device)
+    row = {"case": kind, "L": L, "past": past, "config": cfg.__dict__, "err": rel_err(ours[0](), sdpa[0]())}
+    # Turns of one pass over the input sets each (a graph of a few calls): the finer the turns, the
+    # closer the clock each side runs at.
+    times = gpu_times({"triton": ours, "sdpa": sdpa}, calls_per_graph=len(ours), replays=25)
+    for name, t in times.items():
+        row |= {f"{name}_us": median(t), f"{name}_TFLOPs": prefill_flops(L, past) / median(t) / 1e6}
     row |= {f"{name}_do_bench_us": bench_us(fns[0]) for name, fns in (("triton", ours), ("sdpa", sdpa))}
     row["ratio"] = row["triton_TFLOPs"] / row["sdpa_TFLOPs"]
+    turns = sorted(s / t for t, s in zip(times["triton"], times["sdpa"], strict=True))
+    row["ratio_turns"] = [turns[len(turns) // 10], turns[-1 - len(turns) // 10]]  # 10th and 90th percentiles
     return row
 
 
@@ -209,17 +224,17 @@ def sweep(copy_gbps: float) -> list[dict]:
                   "  ".join(f"{T // 1024}k {frac(T, u)}" for T, u in us.items()), flush=True)
     del inputs
     for d in (D, 64):  # the benchmark's head_dim, and SmolLM2's
-        pbase = prefill.config(d, DTYPE)
+        defaults = {prefill.config(d, DTYPE), prefill.config(d, DTYPE, two_per_sm=True)}
         inputs = {(L, past): [prefill_inputs(L, past, d)] for _, L, past in PREFILL[1:]}
-        for bm, bn, w, st in [(128, 64, 8, 3), (128, 64, 8, 2), (128, 64, 8, 4), (128, 128, 8, 2), (128, 128, 8, 3),
-                              (128, 64, 4, 3), (64, 64, 4, 3), (64, 128, 4, 3)]:
-            cfg = prefill.PrefillConfig(bm, bn, w, st)
+        for args in [(128, 64, 8, 3), (128, 64, 8, 2, 128), (128, 64, 8, 3, 128), (128, 64, 8, 2), (128, 64, 8, 4),
+                     (128, 128, 8, 2), (128, 128, 8, 3), (128, 64, 4, 3), (64, 64, 4, 3), (64, 128, 4, 3)]:
+            cfg = prefill.PrefillConfig(*args)
             res = {}
             for (L, past), ins in inputs.items():
                 us = time_cfg([lambda q=q, k=k, v=v, n=L + past, c=cfg: prefill.prefill_attention(q, k, v, n, cfg=c)
                                for q, k, v in ins])
                 res[f"L={L} past={past}"] = us if isinstance(us, str) else prefill_flops(L, past) * d // D / us / 1e6
-            rows.append({"kernel": f"prefill D={d}", "cfg": cfg.__dict__, "default": cfg == pbase, "TFLOPs": res})
+            rows.append({"kernel": f"prefill D={d}", "cfg": cfg.__dict__, "default": cfg in defaults, "TFLOPs": res})
             print(rows[-1], flush=True)
     return rows
 
@@ -318,7 +333,8 @@ def main() -> None:
         return
     result = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
                   python=platform.python_version(), decode_config=decode.config(D, DTYPE).__dict__,
-                  prefill_config=prefill.config(D, DTYPE).__dict__)
+                  prefill_config=prefill.config(D, DTYPE).__dict__,
+                  prefill_config_two_per_sm=prefill.config(D, DTYPE, two_per_sm=True).__dict__)
     result["copy_GBps"] = copy_bandwidth()
     if args.sweep:
         result["sweep"] = sweep(result["copy_GBps"])
@@ -344,12 +360,17 @@ def main() -> None:
               f"| {r['triton_do_bench_us']:.1f} / {r['sdpa_do_bench_us']:.1f} "
               f"| {r['triton_eager_us']:.1f} / {r['sdpa_eager_us']:.1f} | {r['err']:.1e} |")
     print("\nprefill (B=1, 32 q / 8 kv heads, D=128, bf16)")
-    print("| case | L | past | triton µs | SDPA µs | triton TFLOP/s | SDPA TFLOP/s | ratio "
-          "| do_bench µs triton / SDPA | rel err |")
-    print("| --- " + "| ---: " * 9 + "|")
+    print("| case | L | past | triton config | triton µs | SDPA µs | triton TFLOP/s | SDPA TFLOP/s | ratio "
+          "| ratio per turn, 10th-90th pct | do_bench µs triton / SDPA | rel err |")
+    print("| --- " + "| ---: " * 2 + "| --- " + "| ---: " * 8 + "|")
     for r in result["prefill"]:
-        print(f"| {r['case']} | {r['L']} | {r['past']} | {r['triton_us']:.0f} | {r['sdpa_us']:.0f} "
+        c = r["config"]
+        cap = f", <= {c['max_registers']} regs" if c["max_registers"] else ""
+        print(f"| {r['case']} | {r['L']} | {r['past']} "
+              f"| {c['block_m']}x{c['block_n']}, {c['num_warps']} warps, {c['num_stages']} stages{cap} "
+              f"| {r['triton_us']:.0f} | {r['sdpa_us']:.0f} "
               f"| {r['triton_TFLOPs']:.0f} | {r['sdpa_TFLOPs']:.0f} | {r['ratio']:.2f} "
+              f"| {r['ratio_turns'][0]:.2f}-{r['ratio_turns'][1]:.2f} "
               f"| {r['triton_do_bench_us']:.0f} / {r['sdpa_do_bench_us']:.0f} | {r['err']:.1e} |")
     print(f"\nwrote {out} and {out.with_suffix('.png')}")
 

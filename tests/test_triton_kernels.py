@@ -313,3 +313,20 @@ def test_prefill_chunk_onto_long_past(dtype, window, gen, seed):
     q, k, v = make_inputs(gen, B, Hkv, G, Lq, D, [n], n + 64, dtype=dtype)
     out = run_prefill(q, k, v, n, window=window)
     check(out, ref_attention(q, k, v, [n], window=window), dtype, f"n={n} {dtype} window={window} seed={seed}")
+
+
+@needs_gpu
+@pytest.mark.parametrize("dtype,window", [(F16, None), (BF16, None), (BF16, 500)])
+def test_prefill_two_programs_per_sm(dtype, window, gen, seed):
+    """Query blocks enough for two programs on every multiprocessor: the configuration that caps registers
+    (and spills a few) is the one chosen, and it is right."""
+    B, Hkv, G, D = 1, 8, 4, 128
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    block_m = prefill.config(D, dtype).block_m
+    Lq = -(-2 * sms // (Hkv * G)) * block_m - int(torch.randint(0, block_m // 2, (1,), generator=gen))
+    n = Lq + int(torch.randint(0, 300, (1,), generator=gen))
+    q, k, v = make_inputs(gen, B, Hkv, G, Lq, D, [n], n + 40, dtype=dtype)
+    cfg = prefill.config_for(q.shape, dtype, torch.device(DEVICE))
+    assert cfg == prefill.config(D, dtype, two_per_sm=True) and cfg.max_registers, cfg
+    out = run_prefill(q, k, v, n, window=window)
+    check(out, ref_attention(q, k, v, [n], window=window), dtype, f"Lq={Lq} n={n} window={window} seed={seed}")

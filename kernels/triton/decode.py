@@ -4,9 +4,9 @@ Each program takes one (batch row, KV head, partition of the live KV range) and 
 that read that KV head, so K/V are read once per GQA group. It runs an online softmax in fp32 and
 writes (max, sum, unnormalised output) for its partition; a second kernel rescales the partitions
 by exp(m_i - m), sums them and divides. With one partition (short contexts) the first kernel
-normalises and writes the output itself: one launch. On Hopper and later the second kernel is
-launched early (programmatic dependent launch) and waits on the device for the first, which hides
-its launch latency.
+normalises and writes the output itself: one launch. On Hopper and later both kernels go out with
+programmatic dependent launch: each is resident before the kernel ahead of it has finished and waits
+for it on the device, which hides their launch latency.
 
 Scores are kept in base 2 (scaled by log2(e)) so that the softmax uses exp2.
 """
@@ -181,8 +181,11 @@ def _decode_partition(Q, K, V, Out, Work, Lens, kv_len, window, part_size, num_p
                       HKV: tl.constexpr, G: tl.constexpr, BLOCK_G: tl.constexpr, D: tl.constexpr,
                       BLOCK_N: tl.constexpr, PER_ROW: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr,
                       SINGLE: tl.constexpr, PDL: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
-    if PDL:  # the reduce may start now: it waits on the device until this grid has finished and flushed
-        tl.extra.cuda.gdc_launch_dependents()
+    if PDL:
+        # Launched early: what the kernels ahead wrote (q, the cache) is visible once this returns.
+        tl.extra.cuda.gdc_wait()
+        if not SINGLE:  # the reduce may launch now: it waits in turn until this grid has finished
+            tl.extra.cuda.gdc_launch_dependents()
     group = tl.program_id(0)  # b * HKV + KV head
     part = tl.program_id(1)
     b = (group // HKV).to(tl.int64)  # batch strides can pass 2**31 elements
@@ -245,6 +248,7 @@ def _decode_reduce(Out, Work, num_parts, D: tl.constexpr, BLOCK_P: tl.constexpr,
     """Rescales a row's partitions by exp(m_i - m) and sums them, BLOCK_P partitions at a time."""
     if PDL:
         tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
     row = tl.program_id(0)  # b * Hq + query head
     total = tl.num_programs(0) * num_parts
     d = tl.arange(0, D)
@@ -290,10 +294,10 @@ def workspace(rows: int, num_parts: int, head_dim: int, device: torch.device,
     can poison it.
 
     Launches from one thread on one stream reuse one buffer (a new one took 5 µs of host time a call on
-    the H100 host): they run in order, so a call's partition kernel starts only after the previous
-    call's reduce has finished reading (a reduce launched early with PDL still ends before whatever is
-    launched after it). Under CUDA-graph capture each call gets a buffer of the graph's own, since a
-    graph may be replayed on any stream.
+    the H100 host): they run in order, so a call's partition kernel writes only after the previous
+    call's reduce has finished reading (a kernel launched early with PDL touches memory only once the
+    kernel ahead of it has finished). Under CUDA-graph capture each call gets a buffer of the graph's
+    own, since a graph may be replayed on any stream.
     """
     n = rows * num_parts * (head_dim + 2)
     if target is None or torch.cuda.is_current_stream_capturing():
@@ -309,7 +313,7 @@ def workspace(rows: int, num_parts: int, head_dim: int, device: torch.device,
 
 @cache
 def _pdl(device: torch.device) -> bool:
-    """Whether the reduce goes out with programmatic dependent launch: compiled, on Hopper or later."""
+    """Whether the kernels go out with programmatic dependent launch: compiled, on Hopper or later."""
     return not INTERPRET and device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
 
 
@@ -318,8 +322,8 @@ def _constexprs(Hkv: int, G: int, D: int, dtype: torch.dtype, per_row: bool, win
                 single: bool, pdl: bool, cfg: DecodeConfig) -> dict:
     """The partition kernel's compile-time arguments, built once per combination (host time per step)."""
     return dict(HKV=Hkv, G=G, BLOCK_G=max(16, triton.next_power_of_2(G)), D=D, BLOCK_N=cfg.block_n,
-                PER_ROW=per_row, WINDOW=window, SOFTCAP=softcap, SINGLE=single, PDL=pdl and not single,
-                **dot_args(dtype), num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+                PER_ROW=per_row, WINDOW=window, SOFTCAP=softcap, SINGLE=single, PDL=pdl,
+                launch_pdl=pdl, **dot_args(dtype), num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
 
 @cache
