@@ -37,6 +37,8 @@ finally:
 
 F32, F16, BF16 = torch.float32, torch.float16, torch.bfloat16
 needs_gpu = pytest.mark.skipif(not CUDA, reason="large shapes: minutes in the CPU interpreter; runs on CUDA")
+needs_hopper = pytest.mark.skipif(not (CUDA and torch.cuda.get_device_capability() == (9, 0)),
+                                  reason="the warp-specialised Gluon prefill runs on Hopper (sm_90) GPUs only")
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -328,5 +330,65 @@ def test_prefill_two_programs_per_sm(dtype, window, gen, seed):
     q, k, v = make_inputs(gen, B, Hkv, G, Lq, D, [n], n + 40, dtype=dtype)
     cfg = prefill.config_for(q.shape, dtype, torch.device(DEVICE))
     assert cfg == prefill.config(D, dtype, two_per_sm=True) and cfg.max_registers, cfg
-    out = run_prefill(q, k, v, n, window=window)
+    out = run_prefill(q, k, v, n, window=window, cfg=cfg)  # cfg: this kernel even where the Gluon one would run
     check(out, ref_attention(q, k, v, [n], window=window), dtype, f"Lq={Lq} n={n} window={window} seed={seed}")
+
+
+@pytest.fixture
+def hopper_calls(monkeypatch):
+    """The calls prefill.prefill_attention hands to the Gluon kernel (prefill_hopper), recorded."""
+    from fachat.kernels.triton import prefill_hopper
+    calls = []
+    launch = prefill_hopper.prefill_attention
+    monkeypatch.setattr(prefill_hopper, "prefill_attention", lambda *a, **kw: calls.append(kw) or launch(*a, **kw))
+    return calls
+
+
+@needs_hopper
+@pytest.mark.parametrize("window", [None, 37, 300])
+@pytest.mark.parametrize("G", [1, 4, 8])
+@pytest.mark.parametrize("D", [64, 128])
+@pytest.mark.parametrize("dtype", [F16, BF16])
+def test_hopper_prefill(dtype, D, G, window, gen, seed, hopper_calls):
+    """The Gluon kernel on the 16-bit calls with one kv_len that it takes: random lengths across its 128-row
+    query blocks and 128-key tiles, K/V past kv_len NaN (TMA must load zeros there), out NaN before."""
+    B, Hkv = 2, 2
+    Lq = int(torch.randint(1, 400, (1,), generator=gen))
+    n = Lq + int(torch.randint(0, 700, (1,), generator=gen))
+    q, k, v = make_inputs(gen, B, Hkv, G, Lq, D, [n] * B, n + 40, dtype=dtype)
+    out = run_prefill(q, k, v, n, window=window)
+    assert len(hopper_calls) == 1, "the call did not go to the Gluon kernel"
+    check(out, ref_attention(q, k, v, [n] * B, window=window), dtype, f"Lq={Lq} n={n} seed={seed}")
+
+
+@needs_hopper
+@pytest.mark.parametrize("Lq,past", [(1, 0), (1, 128), (127, 1), (128, 0), (129, 127), (256, 128), (300, 0)])
+def test_hopper_prefill_tile_edges(Lq, past, gen, seed, hopper_calls):
+    """Query blocks and key tiles (128 each) that end on, or one past, the causal diagonal and kv_len."""
+    B, Hkv, G, D = 1, 2, 4, 128
+    n = Lq + past
+    q, k, v = make_inputs(gen, B, Hkv, G, Lq, D, [n], n + 8, dtype=BF16)
+    out = run_prefill(q, k, v, n)
+    assert len(hopper_calls) == 1
+    check(out, ref_attention(q, k, v, [n]), BF16, f"Lq={Lq} past={past} seed={seed}")
+
+
+@needs_hopper
+@pytest.mark.parametrize("case", ["softcap", "per-row lengths", "float32", "head_dim 256"])
+def test_hopper_prefill_leaves_the_rest_to_triton(case, gen, seed, hopper_calls):
+    """What the Gluon kernel does not take runs the Triton kernel, and is right."""
+    B, Hkv, G, D, Lq, dtype = 2, 2, 2, 128, 70, BF16
+    lengths, kw = [Lq + 100] * B, {}
+    if case == "softcap":
+        kw["softcap"] = 5.0
+    elif case == "per-row lengths":
+        lengths = [Lq + 100, Lq + 7]
+    elif case == "float32":
+        dtype = F32
+    else:
+        D = 256
+    q, k, v = make_inputs(gen, B, Hkv, G, Lq, D, lengths, Lq + 120, dtype=dtype)
+    kv_len = torch.tensor(lengths) if case == "per-row lengths" else lengths[0]
+    out = run_prefill(q, k, v, kv_len, **kw)
+    assert not hopper_calls, case
+    check(out, ref_attention(q, k, v, lengths, **kw), dtype, f"{case} seed={seed}")

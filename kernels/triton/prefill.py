@@ -6,6 +6,10 @@ head and streams K/V tiles of the head's KV head through an online softmax: no s
 stored and K/V are never repeated per query head. Its key range splits into tiles that need a mask
 (the window's lower edge, the causal diagonal) and tiles every query sees whole, which skip the
 mask; tiles no query sees are never read.
+
+On Hopper, prefill_attention hands the calls it can to prefill_hopper's warp-specialised Gluon kernel
+(16-bit, head_dim 64 or 128, one kv_len for all rows, no softcap): 0.94x SDPA's TFLOP/s against 0.76x
+for this kernel at L = 32k on an H100 (benchmarks/kernels.py).
 """
 from __future__ import annotations
 
@@ -16,7 +20,8 @@ import torch
 import triton
 import triton.language as tl
 
-from fachat.kernels.triton.decode import Launcher, _dot, _sm_count, _tanh, dot_args, kernel_layout, output_for, score_scales
+from fachat.kernels.triton.decode import (INTERPRET, Launcher, _dot, _sm_count, _tanh, dot_args, kernel_layout,
+                                          output_for, score_scales)
 
 
 @dataclass(frozen=True)
@@ -44,6 +49,16 @@ def config(head_dim: int, dtype: torch.dtype, two_per_sm: bool = False) -> Prefi
         return PrefillConfig(128, 64, 8, 2, max_registers=128)
     # Fastest or tied within noise in benchmarks/kernels.py --sweep on an H100 (bf16, L = 8k and 32k, D = 64, 128).
     return PrefillConfig(128, 64, 8 if head_dim == 128 else 4, 3)
+
+
+@cache
+def hopper_kernel(device: torch.device):
+    """The warp-specialised Hopper kernel's module (prefill_hopper) on an sm_90 GPU, else None. cfg= to
+    prefill_attention forces this module's kernel."""
+    if INTERPRET or device.type != "cuda" or torch.cuda.get_device_capability(device) != (9, 0):
+        return None
+    from fachat.kernels.triton import prefill_hopper
+    return prefill_hopper
 
 
 def config_for(q_shape: torch.Size, dtype: torch.dtype, device: torch.device) -> PrefillConfig:
@@ -172,13 +187,17 @@ def prefill_attention(q, k_cache, v_cache, kv_len, *, scale=None, window=None, s
     fachat.kernels.reference.prefill_attention. out, a contiguous [B, Hq, Lq, D] of q's dtype, receives
     the result."""
     B, Hq, Lq, D = q.shape
-    cfg = cfg or config_for(q.shape, k_cache.dtype, q.device)
     q, k_cache, v_cache, q_strides, k_strides = kernel_layout(q, k_cache, v_cache)
-    per_row = not isinstance(kv_len, int)
-    lens = kv_len.to(device=q.device, dtype=torch.int32) if per_row else q  # q stands in for the unused pointer
     if window is not None:
         window = min(window, k_cache.shape[2])  # no change in meaning; keeps it an int32 for the kernel
     out = output_for(q, out)
+    hopper = hopper_kernel(q.device)
+    if cfg is None and hopper is not None and hopper.supports(q, k_cache, v_cache, kv_len, window, softcap):
+        return hopper.prefill_attention(q, k_cache, v_cache, kv_len, qk_scale=score_scales(scale, None, D)[0],
+                                        window=window, out=out)
+    cfg = cfg or config_for(q.shape, k_cache.dtype, q.device)
+    per_row = not isinstance(kv_len, int)
+    lens = kv_len.to(device=q.device, dtype=torch.int32) if per_row else q  # q stands in for the unused pointer
     _launch(
         (B * Hq, triton.cdiv(Lq, cfg.block_m), 1), (q.dtype, k_cache.dtype, q_strides, k_strides),
         (q, k_cache, v_cache, out, lens),
