@@ -8,8 +8,8 @@ stored and K/V are never repeated per query head. Its key range splits into tile
 mask; tiles no query sees are never read.
 
 On Hopper, prefill_attention hands the calls it can to prefill_hopper's warp-specialised Gluon kernel
-(16-bit, head_dim 64 or 128, one kv_len for all rows, no softcap): 0.94x SDPA's TFLOP/s against 0.76x
-for this kernel at L = 32k on an H100 (benchmarks/kernels.py).
+(16-bit, head_dim 64 or 128, one kv_len for all rows, no softcap): 0.89-0.94x SDPA's TFLOP/s against
+0.75-0.76x for this kernel at L = 32k on an H100 (benchmarks/kernels.py).
 """
 from __future__ import annotations
 

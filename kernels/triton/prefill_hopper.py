@@ -175,7 +175,7 @@ def _tma_ready(t: torch.Tensor) -> bool:
 
 def supports(q, k_cache, v_cache, kv_len, window, softcap) -> bool:
     """Whether this kernel takes a prefill_attention call that is already on an sm_90 GPU."""
-    return (isinstance(kv_len, int) and softcap is None and q.dtype in GL_DTYPES
+    return (isinstance(kv_len, int) and q.shape[2] > 0 and softcap is None and q.dtype in GL_DTYPES
             and k_cache.dtype == v_cache.dtype == q.dtype and q.shape[-1] in (64, 128)
             and all(_tma_ready(t) for t in (q, k_cache, v_cache)))
 
