@@ -53,8 +53,8 @@ def config(head_dim: int, dtype: torch.dtype, two_per_sm: bool = False) -> Prefi
 
 @cache
 def hopper_kernel(device: torch.device):
-    """The warp-specialised Hopper kernel's module (prefill_hopper) on an sm_90 GPU, else None. cfg= to
-    prefill_attention forces this module's kernel."""
+    """The warp-specialised Hopper kernel's module (prefill_hopper) on an sm_90 GPU (compiled, not
+    interpreted), else None."""
     if INTERPRET or device.type != "cuda" or torch.cuda.get_device_capability(device) != (9, 0):
         return None
     from fachat.kernels.triton import prefill_hopper
@@ -62,7 +62,7 @@ def hopper_kernel(device: torch.device):
 
 
 def config_for(q_shape: torch.Size, dtype: torch.dtype, device: torch.device) -> PrefillConfig:
-    """What prefill_attention runs for queries of q_shape [B, Hq, Lq, D] over K/V of dtype."""
+    """This module's kernel configuration for queries of q_shape [B, Hq, Lq, D] over K/V of dtype."""
     B, Hq, Lq, D = q_shape
     cfg = config(D, dtype)
     if B * Hq * triton.cdiv(Lq, cfg.block_m) >= 2 * _sm_count(device):
@@ -185,7 +185,8 @@ def prefill_attention(q, k_cache, v_cache, kv_len, *, scale=None, window=None, s
                       out: torch.Tensor | None = None, cfg: PrefillConfig | None = None):
     """q [B, Hq, Lq, D] holding the last Lq of kv_len positions -> [B, Hq, Lq, D]; the contract of
     fachat.kernels.reference.prefill_attention. out, a contiguous [B, Hq, Lq, D] of q's dtype, receives
-    the result."""
+    the result. On Hopper the calls prefill_hopper.supports takes run its kernel, unless cfg (this
+    module's kernel configuration) is given."""
     B, Hq, Lq, D = q.shape
     q, k_cache, v_cache, q_strides, k_strides = kernel_layout(q, k_cache, v_cache)
     if window is not None:
