@@ -165,8 +165,7 @@ def prefill_flops(L: int, past: int) -> int:
 
 def prefill_kernel(q, k, v, n: int) -> str:
     """Which kernel prefill.prefill_attention runs for these inputs, in words."""
-    hopper = prefill.hopper_kernel(q.device)
-    if hopper is not None and hopper.supports(q, k, v, n, None, None):
+    if prefill.gluon_kernel(q, k, v, n, None, None) is not None:
         return "gluon, warp-specialised (sm_90)"
     c = prefill.config_for(q.shape, k.dtype, q.device)
     cap = f", <= {c.max_registers} regs" if c.max_registers else ""

@@ -61,6 +61,15 @@ def hopper_kernel(device: torch.device):
     return prefill_hopper
 
 
+def gluon_kernel(q, k_cache, v_cache, kv_len, window, softcap):
+    """prefill_hopper, where prefill_attention hands it this call (an sm_90 GPU, inputs it supports), else
+    None."""
+    hopper = hopper_kernel(q.device)
+    if hopper is not None and hopper.supports(q, k_cache, v_cache, kv_len, window, softcap):
+        return hopper
+    return None
+
+
 def config_for(q_shape: torch.Size, dtype: torch.dtype, device: torch.device) -> PrefillConfig:
     """This module's kernel configuration for queries of q_shape [B, Hq, Lq, D] over K/V of dtype."""
     B, Hq, Lq, D = q_shape
@@ -192,8 +201,8 @@ def prefill_attention(q, k_cache, v_cache, kv_len, *, scale=None, window=None, s
     if window is not None:
         window = min(window, k_cache.shape[2])  # no change in meaning; keeps it an int32 for the kernel
     out = output_for(q, out)
-    hopper = hopper_kernel(q.device)
-    if cfg is None and hopper is not None and hopper.supports(q, k_cache, v_cache, kv_len, window, softcap):
+    hopper = None if cfg is not None else gluon_kernel(q, k_cache, v_cache, kv_len, window, softcap)
+    if hopper is not None:
         return hopper.prefill_attention(q, k_cache, v_cache, kv_len, qk_scale=score_scales(scale, None, D)[0],
                                         window=window, out=out)
     cfg = cfg or config_for(q.shape, k_cache.dtype, q.device)

@@ -190,12 +190,9 @@ def prefill_attention(q, k_cache, v_cache, kv_len: int, *, qk_scale: float, wind
     calls `supports` takes. qk_scale is in base 2 (decode.score_scales)."""
     B, Hq, Lq, D = q.shape
     Hkv = k_cache.shape[1]
-    kv_shape = [B, Hkv, kv_len, D]
     q_desc = TensorDescriptor(q, list(q.shape), list(q.stride()), [1, 1, BLOCK_M, D], _smem_layout(BLOCK_M, D, q.dtype))
-    k_desc = TensorDescriptor(k_cache, kv_shape, list(k_cache.stride()), [1, 1, BLOCK_N, D],
-                              _smem_layout(BLOCK_N, D, q.dtype))
-    v_desc = TensorDescriptor(v_cache, kv_shape, list(v_cache.stride()), [1, 1, BLOCK_N, D],
-                              _smem_layout(BLOCK_N, D, q.dtype))
+    k_desc, v_desc = (TensorDescriptor(t, [B, Hkv, kv_len, D], list(t.stride()), [1, 1, BLOCK_N, D],
+                                       _smem_layout(BLOCK_N, D, q.dtype)) for t in (k_cache, v_cache))
     _prefill_warp_specialized[(B * Hq, triton.cdiv(Lq, BLOCK_M))](
         q_desc, k_desc, v_desc, out, kv_len, Lq, window or 0, qk_scale, HQ=Hq, G=Hq // Hkv, NUM_STAGES=NUM_STAGES,
         CONSUMER_REGS=CONSUMER_REGS, PRODUCER_REGS=PRODUCER_REGS, num_warps=4, maxnreg=MAX_REGS)
