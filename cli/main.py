@@ -80,11 +80,16 @@ def print_stats(session) -> None:
 
 def stream_answer(session, message: str, verbose: bool):
     """Streams one answer to stdout (models without a chat template continue the text). Returns the
-    Generation, partial if Ctrl-C stopped it."""
+    Generation, partial if Ctrl-C stopped it, or None if Ctrl-C stopped the text's prefill (what was
+    prefilled stays in the context, as a chat message does)."""
     if session.engine.tokenizer.chat_template:
         stream = session.stream_chat(message)
     else:
-        session.append(message)
+        try:
+            session.append(message)  # prefills here, not in the stream
+        except KeyboardInterrupt:
+            print("[interrupted]", file=sys.stderr)
+            return None
         stream = session.stream()
     try:
         for piece in stream:
@@ -234,7 +239,7 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         text = sys.stdin.read() if args.prompt == "-" else args.prompt
         gen = stream_answer(session, text, args.verbose)
-        return 130 if gen.finish_reason == "interrupted" else 0
+        return 130 if gen is None or gen.finish_reason == "interrupted" else 0
     except (FachatError, ValueError, OSError) as e:
         print(f"fa-chat: error: {e}", file=sys.stderr)
         return 2

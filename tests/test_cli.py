@@ -1,11 +1,15 @@
 """The fa-chat command, run as a real process."""
 from __future__ import annotations
 
+import json
 import os
+import random
+import shutil
 import subprocess
 import sys
 
 import pytest
+import torch
 
 from fachat import Engine
 
@@ -114,3 +118,53 @@ def test_full_context_ends_the_answer_with_a_pointer_to_reset(smollm2_gguf_path)
     assert result.returncode == 0, result.stderr
     assert "context full: 64 tokens" in result.stderr and "/reset" in result.stderr
     assert "context: 64 tokens of 64" in result.stdout
+
+
+def test_ctrl_c_during_the_prefill_of_raw_text_returns_to_the_prompt(tiny_llama, tmp_path, monkeypatch, capsys, seed):
+    """A model without a chat template prefills the typed text before its answer streams. Ctrl-C there
+    (raised here partway through the prefill) prints [interrupted] and returns, as it does mid-answer: the
+    REPL goes on, a one-shot run exits 130 with no traceback, and the context keeps the prefilled part,
+    with the K/V of a fresh prefill of it."""
+    from fachat.cli import main as cli
+    from fachat.engine import session as session_module
+
+    path = tmp_path / "model"
+    shutil.copytree(tiny_llama[0], path)
+    config = json.loads((path / "tokenizer_config.json").read_text())
+    del config["chat_template"]
+    (path / "tokenizer_config.json").write_text(json.dumps(config))
+    engine = Engine.load(path, device="cpu", dtype="float32")
+    words = ["the", "quick", "brown", "fox", "jumps", "over", "a", "lazy", "dog", "while", "it", "rains"]
+    rng = random.Random(seed)
+    text = " ".join(rng.choice(words) for _ in range(rng.randint(20, 40)))
+    real_prefill = session_module.prefill
+
+    def cut_short(model, cache, ids):
+        real_prefill(model, cache, ids[: len(ids) // 2])
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(session_module, "prefill", cut_short)
+    session = engine.session(max_new_tokens=4, temperature=0)
+    try:
+        answer = cli.stream_answer(session, text, verbose=False)
+    except KeyboardInterrupt:
+        pytest.fail("Ctrl-C during the prefill escaped stream_answer: the REPL would exit")
+    assert answer is None
+    assert "[interrupted]" in capsys.readouterr().err
+    ids = engine.tokenizer.encode(text, add_special_tokens=True)
+    assert 0 < session.cache.length < len(ids) - 1
+    assert session.tokens == ids[: session.cache.length + 1]
+    fresh = engine.new_cache()
+    real_prefill(engine.model, fresh, session.tokens[: session.cache.length])
+    for layer in range(len(fresh.k)):
+        for x, y in zip(session.cache.views(layer), fresh.views(layer)):
+            torch.testing.assert_close(x, y)
+
+    monkeypatch.setattr(session_module, "prefill", real_prefill)
+    gen = cli.stream_answer(session, " and then", verbose=False)
+    assert gen.finish_reason in ("length", "stop") and gen.stats.new_tokens > 0
+
+    monkeypatch.setattr(session_module, "prefill", cut_short)
+    assert cli.main(["--model", str(path), "--device", "cpu", "--prompt", text]) == 130
+    err = capsys.readouterr().err
+    assert "[interrupted]" in err and "Traceback" not in err
