@@ -34,11 +34,12 @@ finally:
         os.environ.pop("TRITON_INTERPRET", None)
     else:
         os.environ["TRITON_INTERPRET"] = saved
+WORKSPACE = decode.workspace  # the real one: poisoned_workspace replaces it for each test
 
 F32, F16, BF16 = torch.float32, torch.float16, torch.bfloat16
 needs_gpu = pytest.mark.skipif(not CUDA, reason="large shapes: minutes in the CPU interpreter; runs on CUDA")
 needs_hopper = pytest.mark.skipif(not (CUDA and torch.cuda.get_device_capability() == (9, 0)),
-                                  reason="the warp-specialised Gluon prefill runs on Hopper (sm_90) GPUs only")
+                                  reason="the warp-specialised Gluon kernels run on Hopper (sm_90) GPUs only")
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -392,3 +393,131 @@ def test_hopper_prefill_leaves_the_rest_to_triton(case, gen, seed, hopper_calls)
     out = run_prefill(q, k, v, kv_len, **kw)
     assert not hopper_calls, case
     check(out, ref_attention(q, k, v, lengths, **kw), dtype, f"{case} seed={seed}")
+
+
+# ---------------------------------------------------------------- decode on Hopper (Gluon)
+
+
+@pytest.fixture
+def hopper_decode_calls(monkeypatch):
+    """The calls decode.decode_attention hands to the persistent Gluon kernel (decode_hopper), recorded."""
+    from fachat.kernels.triton import decode_hopper
+    calls = []
+    launch = decode_hopper.decode_attention
+    monkeypatch.setattr(decode_hopper, "decode_attention", lambda *a, **kw: calls.append(kw) or launch(*a, **kw))
+    return calls
+
+
+@pytest.fixture
+def any_length(monkeypatch):
+    """decode_hopper takes short contexts too (it normally leaves them to decode.py's kernel)."""
+    from fachat.kernels.triton import decode_hopper
+    monkeypatch.setattr(decode_hopper, "MIN_TILES_PER_SM", 0)
+
+
+@needs_hopper
+@pytest.mark.parametrize("window", [None, 300])
+@pytest.mark.parametrize("G", [1, 4, 8])
+@pytest.mark.parametrize("D", [64, 128])
+@pytest.mark.parametrize("dtype", [F16, BF16])
+def test_hopper_decode(dtype, D, G, window, gen, seed, hopper_decode_calls, any_length):
+    """The persistent kernel on the calls it takes: random lengths, K/V past kv_len NaN (TMA must load
+    zeros), out and workspace NaN before (the counters live there: the zeroing kernel must run)."""
+    B, Hkv = 2, 2
+    n = int(torch.randint(1, 6000, (1,), generator=gen))
+    q, k, v = make_inputs(gen, B, Hkv, G, 1, D, [n] * B, n + 40, dtype=dtype)
+    out = run_decode(q[:, :, 0], k, v, n, window=window)
+    assert len(hopper_decode_calls) == 1, "the call did not go to the Gluon kernel"
+    check(out, ref_attention(q, k, v, [n] * B, window=window)[:, :, 0], dtype, f"n={n} seed={seed}")
+
+
+@needs_hopper
+@pytest.mark.parametrize("n,window", [(1, None), (63, None), (64, None), (65, None), (129, 64), (4097, 63),
+                                      (4096, 65), (20_011, 4000)])
+def test_hopper_decode_tile_edges(n, window, gen, seed, hopper_decode_calls, any_length):
+    """Lengths and windows that end on, or one past, a 64-key tile; 32 KV groups, so static shares span
+    groups and many programs share each group's pool."""
+    B, Hkv, G, D = 4, 8, 4, 128
+    q, k, v = make_inputs(gen, B, Hkv, G, 1, D, [n] * B, n + 8, dtype=BF16)
+    out = run_decode(q[:, :, 0], k, v, n, window=window)
+    assert len(hopper_decode_calls) == 1
+    check(out, ref_attention(q, k, v, [n] * B, window=window)[:, :, 0], BF16, f"n={n} window={window} seed={seed}")
+
+
+@needs_hopper
+def test_hopper_decode_takes_long_contexts_on_its_own(gen, seed, hopper_decode_calls):
+    """At the default threshold: a long context goes to the Gluon kernel, a short one does not; both right."""
+    B, Hkv, G, D = 1, 8, 2, 128
+    for n, gluon in ((70_001, True), (2_000, False)):
+        q, k, v = make_inputs(gen, B, Hkv, G, 1, D, [n], n + 64, dtype=BF16)
+        before = len(hopper_decode_calls)
+        out = run_decode(q[:, :, 0], k, v, n)
+        assert (len(hopper_decode_calls) > before) == gluon, n
+        check(out, ref_attention(q, k, v, [n])[:, :, 0], BF16, f"n={n} seed={seed}")
+
+
+@needs_hopper
+@pytest.mark.parametrize("case", ["softcap", "per-row lengths", "float32", "head_dim 256"])
+def test_hopper_decode_leaves_the_rest_to_triton(case, gen, seed, hopper_decode_calls, any_length):
+    """What the Gluon kernel does not take runs decode.py's kernel, and is right."""
+    B, Hkv, G, D, n, dtype = 2, 2, 4, 128, 3000, BF16
+    lengths, kw = [n] * B, {}
+    if case == "softcap":
+        kw["softcap"] = 5.0
+    elif case == "per-row lengths":
+        lengths = [n, n - 777]
+    elif case == "float32":
+        dtype = F32
+    else:
+        D = 256
+    q, k, v = make_inputs(gen, B, Hkv, G, 1, D, lengths, n + 20, dtype=dtype)
+    kv_len = torch.tensor(lengths) if case == "per-row lengths" else n
+    out = run_decode(q[:, :, 0], k, v, kv_len, **kw)
+    assert not hopper_decode_calls, case
+    check(out, ref_attention(q, k, v, lengths, **kw)[:, :, 0], dtype, f"{case} seed={seed}")
+
+
+@needs_hopper
+def test_hopper_decode_reused_workspace_and_graph_replays(gen, seed, hopper_decode_calls, any_length, monkeypatch):
+    """The real workspace, reused call after call, and a CUDA graph of calls replayed on new inputs: every
+    answer agrees with float64, and the pool counters are back to 0 after each call and each replay."""
+    from fachat.kernels.triton import decode_hopper
+
+    def counters_zero():
+        torch.cuda.synchronize()
+        return all(not c.any() for c in decode_hopper._counters.values())
+
+    monkeypatch.setattr(decode, "workspace", WORKSPACE)
+    B, Hkv, G, D = 1, 8, 4, 128
+
+    def inputs():
+        n = int(torch.randint(3000, 9000, (1,), generator=gen))
+        q, k, v = make_inputs(gen, B, Hkv, G, 1, D, [n], 9000, dtype=BF16)
+        return q[:, :, 0].to(DEVICE), k.to(DEVICE), v.to(DEVICE), n, ref_attention(q, k, v, [n])[:, :, 0]
+
+    for _ in range(5):
+        q, k, v, n, want = inputs()
+        check(decode.decode_attention(q, k, v, n).cpu(), want, BF16, f"eager n={n} seed={seed}")
+        assert counters_zero()
+    n = int(torch.randint(3000, 9000, (1,), generator=gen))
+    q, k, v = (t.to(DEVICE) for t in make_inputs(gen, B, Hkv, G, 1, D, [n], n, dtype=BF16))
+    q = q[:, :, 0]
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        decode.decode_attention(q, k, v, n)  # compiled outside the capture
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        outs = [decode.decode_attention(q, k, v, n) for _ in range(3)]
+    for _ in range(3):  # new inputs in the captured buffers
+        q2, k2, v2 = make_inputs(gen, B, Hkv, G, 1, D, [n], n, dtype=BF16)
+        q.copy_(q2[:, :, 0])
+        k.copy_(k2)
+        v.copy_(v2)
+        graph.replay()
+        want = ref_attention(q2, k2, v2, [n])[:, :, 0]
+        for out in outs:
+            check(out.cpu(), want, BF16, f"graph n={n} seed={seed}")
+        assert counters_zero()
+    assert len(hopper_decode_calls) == 9  # 5 eager, 1 before the capture, 3 captured

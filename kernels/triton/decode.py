@@ -243,21 +243,28 @@ def _decode_partition(Q, K, V, Out, Work, Lens, kv_len, window, part_size, num_p
         tl.store(Work + 2 * total + at[:, None] * D + d[None, :], acc, mask=g[:, None] < G)
 
 
-@triton.jit(do_not_specialize=["num_parts"])
-def _decode_reduce(Out, Work, num_parts, D: tl.constexpr, BLOCK_P: tl.constexpr, PDL: tl.constexpr):
-    """Rescales a row's partitions by exp(m_i - m) and sums them, BLOCK_P partitions at a time."""
+@triton.jit(do_not_specialize=["num_parts", "static_g", "base"])
+def _decode_reduce(Out, Work, num_parts, static_g, base, G: tl.constexpr, D: tl.constexpr, BLOCK_P: tl.constexpr,
+                   RUNS: tl.constexpr, PDL: tl.constexpr):
+    """Rescales a row's partitions by exp(m_i - m) and sums them, BLOCK_P partitions at a time. RUNS
+    (decode_hopper's partials): a row has one per program whose static share (`base` tiles each, of
+    `static_g` a group) touches its group, in the first of its num_parts slots."""
     if PDL:
         tl.extra.cuda.gdc_wait()
         tl.extra.cuda.gdc_launch_dependents()
     row = tl.program_id(0)  # b * Hq + query head
     total = tl.num_programs(0) * num_parts
+    count = num_parts
+    if RUNS:
+        group = row // G
+        count = ((group + 1) * static_g - 1) // base - group * static_g // base + 1
     d = tl.arange(0, D)
     m_run = tl.full([1], float("-inf"), tl.float32)
     l_run = tl.zeros([1], tl.float32)
     o_run = tl.zeros([D], tl.float32)
-    for p0 in range(0, num_parts, BLOCK_P):
+    for p0 in range(0, count, BLOCK_P):
         p = p0 + tl.arange(0, BLOCK_P)
-        valid = p < num_parts
+        valid = p < count
         m = tl.load(Work + row * num_parts + p, mask=valid, other=float("-inf"))
         l = tl.load(Work + total + row * num_parts + p, mask=valid, other=0.0)
         o = tl.load(Work + 2 * total + (row * num_parts + p)[:, None] * D + d[None, :], mask=valid[:, None],
@@ -318,6 +325,21 @@ def _pdl(device: torch.device) -> bool:
 
 
 @cache
+def on_hopper(device: torch.device) -> bool:
+    """Whether the Gluon kernels (prefill_hopper, decode_hopper) run here: compiled, on an sm_90 GPU."""
+    return not INTERPRET and device.type == "cuda" and torch.cuda.get_device_capability(device) == (9, 0)
+
+
+def gluon_kernel(q, k_cache, v_cache, kv_len, window, softcap):
+    """decode_hopper, where decode_attention hands it this call (an sm_90 GPU, inputs it supports, a long
+    context), else None."""
+    if not on_hopper(q.device):
+        return None
+    from fachat.kernels.triton import decode_hopper
+    return decode_hopper if decode_hopper.supports(q, k_cache, v_cache, kv_len, window, softcap) else None
+
+
+@cache
 def _constexprs(Hkv: int, G: int, D: int, dtype: torch.dtype, per_row: bool, window: bool, softcap: bool,
                 single: bool, pdl: bool, cfg: DecodeConfig) -> dict:
     """The partition kernel's compile-time arguments, built once per combination (host time per step)."""
@@ -327,14 +349,22 @@ def _constexprs(Hkv: int, G: int, D: int, dtype: torch.dtype, per_row: bool, win
 
 
 @cache
-def _reduce_constexprs(D: int, num_parts: int, pdl: bool) -> dict:
+def _reduce_constexprs(D: int, num_parts: int, G: int, runs: bool, pdl: bool) -> dict:
     # Chunks of at most 8192 fp32 elements keep the reduce in registers however many partitions.
-    return dict(D=D, BLOCK_P=min(triton.next_power_of_2(num_parts), 8192 // D), PDL=pdl, launch_pdl=pdl,
-                num_warps=4)
+    return dict(G=G, D=D, BLOCK_P=min(triton.next_power_of_2(num_parts), 8192 // D), RUNS=runs, PDL=pdl,
+                launch_pdl=pdl, num_warps=4)
 
 
 _launch_partition = Launcher(_decode_partition)
 _launch_reduce = Launcher(_decode_reduce)
+
+
+def reduce_partials(out, work, num_parts: int, target, runs: tuple[int, int, int] | None = None) -> None:
+    """Launches the reduce of `work`'s partials into out [B, Hq, D]; runs: decode_hopper's (G, static_g,
+    base)."""
+    G, static_g, base = runs or (1, 0, 1)
+    _launch_reduce((out.shape[0] * out.shape[1], 1, 1), out.dtype, (out, work), (num_parts, static_g, base),
+                   _reduce_constexprs(out.shape[2], num_parts, G, runs is not None, _pdl(out.device)), target)
 
 
 def decode_attention(q, k_cache, v_cache, kv_len, *, scale=None, window=None, softcap=None,
@@ -346,6 +376,10 @@ def decode_attention(q, k_cache, v_cache, kv_len, *, scale=None, window=None, so
     B, Hq, D = q.shape
     Hkv = k_cache.shape[1]
     device, kv_dtype = q.device, k_cache.dtype
+    hopper = None if cfg or partition_size else gluon_kernel(q, k_cache, v_cache, kv_len, window, softcap)
+    if hopper is not None:
+        return hopper.decode_attention(q, k_cache, v_cache, kv_len, qk_scale=score_scales(scale, None, D)[0],
+                                       window=window, out=output_for(q, out))
     cfg = cfg or config(D, kv_dtype)
     q, k_cache, v_cache, q_strides, k_strides = kernel_layout(q, k_cache, v_cache)
     per_row = not isinstance(kv_len, int)
@@ -374,6 +408,5 @@ def decode_attention(q, k_cache, v_cache, kv_len, *, scale=None, window=None, so
         _constexprs(Hkv, Hq // Hkv, D, kv_dtype, per_row, window is not None, softcap is not None, single, pdl, cfg),
         target)
     if not single:
-        _launch_reduce((B * Hq, 1, 1), q.dtype, (out, work), (num_parts,), _reduce_constexprs(D, num_parts, pdl),
-                       target)
+        reduce_partials(out, work, num_parts, target)
     return out

@@ -20,8 +20,8 @@ import torch
 import triton
 import triton.language as tl
 
-from fachat.kernels.triton.decode import (INTERPRET, Launcher, _dot, _sm_count, _tanh, dot_args, kernel_layout,
-                                          output_for, score_scales)
+from fachat.kernels.triton.decode import (Launcher, _dot, _sm_count, _tanh, dot_args, kernel_layout,
+                                          on_hopper, output_for, score_scales)
 
 
 @dataclass(frozen=True)
@@ -51,23 +51,13 @@ def config(head_dim: int, dtype: torch.dtype, two_per_sm: bool = False) -> Prefi
     return PrefillConfig(128, 64, 8 if head_dim == 128 else 4, 3)
 
 
-@cache
-def hopper_kernel(device: torch.device):
-    """The warp-specialised Hopper kernel's module (prefill_hopper) on an sm_90 GPU (compiled, not
-    interpreted), else None."""
-    if INTERPRET or device.type != "cuda" or torch.cuda.get_device_capability(device) != (9, 0):
-        return None
-    from fachat.kernels.triton import prefill_hopper
-    return prefill_hopper
-
-
 def gluon_kernel(q, k_cache, v_cache, kv_len, window, softcap):
     """prefill_hopper, where prefill_attention hands it this call (an sm_90 GPU, inputs it supports), else
     None."""
-    hopper = hopper_kernel(q.device)
-    if hopper is not None and hopper.supports(q, k_cache, v_cache, kv_len, window, softcap):
-        return hopper
-    return None
+    if not on_hopper(q.device):
+        return None
+    from fachat.kernels.triton import prefill_hopper
+    return prefill_hopper if prefill_hopper.supports(q, k_cache, v_cache, kv_len, window, softcap) else None
 
 
 def config_for(q_shape: torch.Size, dtype: torch.dtype, device: torch.device) -> PrefillConfig:

@@ -167,7 +167,7 @@ def _prefill_warp_specialized(q_desc, k_desc, v_desc, Out, kv_len, q_len, window
                        [CONSUMER_REGS, PRODUCER_REGS])
 
 
-def _tma_ready(t: torch.Tensor) -> bool:
+def tma_ready(t: torch.Tensor) -> bool:
     """TMA's rules for a tensor it reads: 16-byte aligned base and strides, unit stride last."""
     return (t.stride(-1) == 1 and t.data_ptr() % 16 == 0
             and all(stride * t.element_size() % 16 == 0 for stride in t.stride()[:-1]))
@@ -177,7 +177,7 @@ def supports(q, k_cache, v_cache, kv_len, window, softcap) -> bool:
     """Whether this kernel takes a prefill_attention call that is already on an sm_90 GPU."""
     return (isinstance(kv_len, int) and q.shape[2] > 0 and softcap is None and q.dtype in GL_DTYPES
             and k_cache.dtype == v_cache.dtype == q.dtype and q.shape[-1] in (64, 128)
-            and all(_tma_ready(t) for t in (q, k_cache, v_cache)))
+            and all(tma_ready(t) for t in (q, k_cache, v_cache)))
 
 
 @cache
