@@ -9,6 +9,7 @@ numpy >= 2.4: 3.9 does, 3.6 does not (triton-lang/triton#9171).
 """
 from __future__ import annotations
 
+import importlib
 import os
 
 import pytest
@@ -335,14 +336,18 @@ def test_prefill_two_programs_per_sm(dtype, window, gen, seed):
     check(out, ref_attention(q, k, v, [n], window=window), dtype, f"Lq={Lq} n={n} window={window} seed={seed}")
 
 
+def record_calls(monkeypatch, module: str, name: str) -> list:
+    """The keyword arguments of each call to fachat.kernels.triton.<module>.<name>, recorded."""
+    mod = importlib.import_module(f"fachat.kernels.triton.{module}")
+    calls, launch = [], getattr(mod, name)
+    monkeypatch.setattr(mod, name, lambda *a, **kw: calls.append(kw) or launch(*a, **kw))
+    return calls
+
+
 @pytest.fixture
 def hopper_calls(monkeypatch):
-    """The calls prefill.prefill_attention hands to the Gluon kernel (prefill_hopper), recorded."""
-    from fachat.kernels.triton import prefill_hopper
-    calls = []
-    launch = prefill_hopper.prefill_attention
-    monkeypatch.setattr(prefill_hopper, "prefill_attention", lambda *a, **kw: calls.append(kw) or launch(*a, **kw))
-    return calls
+    """The calls prefill.prefill_attention hands to the Gluon kernel (prefill_hopper)."""
+    return record_calls(monkeypatch, "prefill_hopper", "prefill_attention")
 
 
 @needs_hopper
@@ -400,12 +405,8 @@ def test_hopper_prefill_leaves_the_rest_to_triton(case, gen, seed, hopper_calls)
 
 @pytest.fixture
 def hopper_decode_calls(monkeypatch):
-    """The calls decode.decode_attention hands to the persistent Gluon kernel (decode_hopper), recorded."""
-    from fachat.kernels.triton import decode_hopper
-    calls = []
-    launch = decode_hopper.decode_attention
-    monkeypatch.setattr(decode_hopper, "decode_attention", lambda *a, **kw: calls.append(kw) or launch(*a, **kw))
-    return calls
+    """The calls decode.decode_attention hands to the persistent Gluon kernel (decode_hopper)."""
+    return record_calls(monkeypatch, "decode_hopper", "decode_attention")
 
 
 @pytest.fixture
