@@ -6,7 +6,8 @@ writes (max, sum, unnormalised output) for its partition; a second kernel rescal
 by exp(m_i - m), sums them and divides. With one partition (short contexts) the first kernel
 normalises and writes the output itself: one launch. On Hopper and later both kernels go out with
 programmatic dependent launch: each is resident before the kernel ahead of it has finished and waits
-for it on the device, which hides their launch latency.
+for it on the device, which hides their launch latency. On Hopper, decode_attention hands the long
+contexts decode_hopper takes to its persistent Gluon kernel (gluon_kernel says which).
 
 Scores are kept in base 2 (scaled by log2(e)) so that the softmax uses exp2.
 """
