@@ -13,8 +13,8 @@ one program per multiprocessor runs two partitions:
   writes (m, l, unnormalised o) once per group its static share touches, into the slot of its rank among
   the programs that touch that group. decode._decode_reduce (RUNS) then combines each row's partials.
 
-The pool counters stay 0 between calls: the last producer of a call to finish claiming puts them back
-(counters_for keeps them per stream). On an H100 with 8 KV heads this runs from about 38k keys, where
+The pool counters are 0 when a call starts: the last producer of a call to finish claiming puts them
+back, and counters_for keeps them per stream (per call under CUDA-graph capture). On an H100 with 8 KV heads this runs from about 38k keys, where
 it beats decode.py's kernel (benchmarks/README.md has the figures).
 """
 from __future__ import annotations
@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from functools import cache, lru_cache
 
 import torch
+import triton
 import triton.language as tl
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
@@ -270,14 +271,34 @@ def _constexprs() -> dict:
 _launch = decode.Launcher(_decode_persistent)
 
 
-_counters = {}  # (device, stream) -> int32 counters, all 0 between calls
+@triton.jit(do_not_specialize=["n"])
+def _zero_counters(Counters, n, BLOCK: tl.constexpr):
+    tl.extra.cuda.gdc_launch_dependents()  # the persistent kernel waits for this one to finish
+    tl.extra.cuda.gdc_wait()  # the kernels ahead may still use this memory
+    offs = tl.arange(0, BLOCK)
+    tl.store(Counters + offs, tl.zeros([BLOCK], tl.int32), mask=offs < n)
+
+
+_counters = {}  # (device, stream) -> int32 counters of eager calls, all 0 between calls
+_launch_zero = decode.Launcher(_zero_counters)
+
+
+@cache
+def _zero_constexprs(n: int) -> dict:
+    return dict(BLOCK=1 << (n - 1).bit_length(), num_warps=1, launch_pdl=True)
 
 
 def counters_for(target: tuple[int, int], n: int, device: torch.device) -> torch.Tensor:
-    """At least n int32 counters, 0, for calls on launch target (device, stream): each call puts them back
-    to 0 before it ends. Calls on one stream run in order; a stream under CUDA-graph capture gets its own
-    (zeroed in the graph that first needs them), so graphs captured on one stream share them: replay such
-    graphs one at a time."""
+    """At least n int32 counters at 0 for a call on launch target (device, stream).
+
+    Eager calls on one stream share a buffer, zeroed once: they run in order, and each puts the counters
+    back to 0 before it ends. Under CUDA-graph capture each call gets its own, zeroed by a small kernel
+    ahead of it (about 1.5 µs more a call on an H100), since a graph may be replayed on any stream, next
+    to other graphs, and before whatever else captured on its stream."""
+    if torch.cuda.is_current_stream_capturing():
+        buf = torch.empty(n, dtype=torch.int32, device=device)
+        _launch_zero((1, 1, 1), None, (buf,), (n,), _zero_constexprs(n), target)
+        return buf
     buf = _counters.get(target)
     if buf is None or buf.numel() < n:
         buf = _counters[target] = torch.zeros(max(n, 64), dtype=torch.int32, device=device)
