@@ -230,6 +230,8 @@ def split(kv_len: int, window: int | None, groups: int, sms: int) -> Split | Non
     tiles = -(-kv_len // BLOCK_N) - t_lo
     if groups * tiles < MIN_TILES_PER_SM * sms:
         return None
+    if kv_len > 65535 * BLOCK_N or groups >= 32768:  # a stage's tag packs group * 65536 + tile in an int32
+        return None
     pool_g = int(tiles * POOL)
     static_g = tiles - pool_g
     base = -(-groups * static_g // sms)
