@@ -372,7 +372,8 @@ def decode_attention(q, k_cache, v_cache, kv_len, *, scale=None, window=None, so
                      partition_size: int | None = None, out: torch.Tensor | None = None,
                      cfg: DecodeConfig | None = None):
     """q [B, Hq, D] -> [B, Hq, D]; the contract of fachat.kernels.reference.decode_attention.
-    partition_size overrides the split heuristic; out, a contiguous [B, Hq, D] of q's dtype, receives
+    partition_size overrides the split heuristic and cfg the configuration (either keeps the call on
+    this module's kernel, never decode_hopper's); out, a contiguous [B, Hq, D] of q's dtype, receives
     the result."""
     B, Hq, D = q.shape
     Hkv = k_cache.shape[1]
