@@ -6,7 +6,9 @@ a failure, set FACHAT_TEST_SEED to the session seed shown in the header.
 """
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import sys
 import zlib
 from pathlib import Path
@@ -78,6 +80,17 @@ def tiny_llama(tiny_models) -> tuple[Path, object]:
 def tiny_dir(tiny_llama) -> Path:
     """The tiny llama's folder, for `fa-chat --model`."""
     return tiny_llama[0]
+
+
+@pytest.fixture
+def untemplated_dir(tiny_llama, tmp_path) -> Path:
+    """A copy of the tiny llama's folder with the chat template taken out of tokenizer_config.json."""
+    path = tmp_path / "model"
+    shutil.copytree(tiny_llama[0], path)
+    config = json.loads((path / "tokenizer_config.json").read_text())
+    del config["chat_template"]
+    (path / "tokenizer_config.json").write_text(json.dumps(config))
+    return path
 
 
 @pytest.fixture

@@ -1,10 +1,8 @@
 """The fa-chat command, run as a real process."""
 from __future__ import annotations
 
-import json
 import os
 import random
-import shutil
 import subprocess
 import sys
 
@@ -120,7 +118,7 @@ def test_full_context_ends_the_answer_with_a_pointer_to_reset(smollm2_gguf_path)
     assert "context: 64 tokens of 64" in result.stdout
 
 
-def test_ctrl_c_during_the_prefill_of_raw_text_returns_to_the_prompt(tiny_llama, tmp_path, monkeypatch, capsys, seed):
+def test_ctrl_c_during_the_prefill_of_raw_text_returns_to_the_prompt(untemplated_dir, monkeypatch, capsys, seed):
     """A model without a chat template prefills the typed text before its answer streams. Ctrl-C there
     (raised here partway through the prefill) prints [interrupted] and returns, as it does mid-answer: the
     REPL goes on, a one-shot run exits 130 with no traceback, and the context keeps the prefilled part,
@@ -128,11 +126,7 @@ def test_ctrl_c_during_the_prefill_of_raw_text_returns_to_the_prompt(tiny_llama,
     from fachat.cli import main as cli
     from fachat.engine import session as session_module
 
-    path = tmp_path / "model"
-    shutil.copytree(tiny_llama[0], path)
-    config = json.loads((path / "tokenizer_config.json").read_text())
-    del config["chat_template"]
-    (path / "tokenizer_config.json").write_text(json.dumps(config))
+    path = untemplated_dir
     engine = Engine.load(path, device="cpu", dtype="float32")
     words = ["the", "quick", "brown", "fox", "jumps", "over", "a", "lazy", "dog", "while", "it", "rains"]
     rng = random.Random(seed)

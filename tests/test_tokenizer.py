@@ -1,8 +1,6 @@
 """Chat templates and special tokens, against transformers' tokenizer on the same files."""
 from __future__ import annotations
 
-import json
-import shutil
 
 import pytest
 import torch
@@ -43,12 +41,8 @@ def test_chat_template_ids_match_transformers(tiny_llama, words, add_generation_
         messages, add_generation_prompt=add_generation_prompt, tokenize=True, return_dict=False)
 
 
-def test_chat_template_jinja_file_and_raise_exception(tiny_llama, tmp_path, words):
-    path = tmp_path / "model"
-    shutil.copytree(tiny_llama[0], path)
-    config = json.loads((path / "tokenizer_config.json").read_text())
-    del config["chat_template"]
-    (path / "tokenizer_config.json").write_text(json.dumps(config))
+def test_chat_template_jinja_file_and_raise_exception(untemplated_dir, words):
+    path = untemplated_dir
     (path / "chat_template.jinja").write_text(STRICT_TEMPLATE)
     engine = Engine.load(path, device="cpu")
     theirs = transformers.AutoTokenizer.from_pretrained(path)
@@ -60,13 +54,8 @@ def test_chat_template_jinja_file_and_raise_exception(tiny_llama, tmp_path, word
         engine.generate(bad, max_new_tokens=2)
 
 
-def test_model_without_chat_template_refuses_messages_but_takes_text(tiny_llama, tmp_path):
-    path = tmp_path / "model"
-    shutil.copytree(tiny_llama[0], path)
-    config = json.loads((path / "tokenizer_config.json").read_text())
-    del config["chat_template"]
-    (path / "tokenizer_config.json").write_text(json.dumps(config))
-    engine = Engine.load(path, device="cpu")
+def test_model_without_chat_template_refuses_messages_but_takes_text(untemplated_dir):
+    engine = Engine.load(untemplated_dir, device="cpu")
     with pytest.raises(ValueError, match="no chat template"):
         engine.generate([{"role": "user", "content": "hi"}], max_new_tokens=2)
     assert engine.generate("hi", max_new_tokens=2, temperature=0).finish_reason in ("length", "stop")
