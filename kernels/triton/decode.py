@@ -13,6 +13,7 @@ Scores are kept in base 2 (scaled by log2(e)) so that the softmax uses exp2.
 """
 from __future__ import annotations
 
+import importlib
 import math
 import threading
 from dataclasses import dataclass
@@ -326,18 +327,19 @@ def _pdl(device: torch.device) -> bool:
 
 
 @cache
-def on_hopper(device: torch.device) -> bool:
-    """Whether the Gluon kernels (prefill_hopper, decode_hopper) run here: compiled, on an sm_90 GPU."""
-    return not INTERPRET and device.type == "cuda" and torch.cuda.get_device_capability(device) == (9, 0)
+def hopper_module(device: torch.device, name: str):
+    """fachat.kernels.triton.<name>, Gluon kernels for sm_90 (prefill_hopper, decode_hopper), where they
+    run: compiled, on an sm_90 GPU; else None. Imported once (every decode call on Hopper asks)."""
+    if INTERPRET or device.type != "cuda" or torch.cuda.get_device_capability(device) != (9, 0):
+        return None
+    return importlib.import_module(f"fachat.kernels.triton.{name}")
 
 
 def gluon_kernel(q, k_cache, v_cache, kv_len, window, softcap):
     """decode_hopper, where decode_attention hands it this call (an sm_90 GPU, inputs it supports, a long
     context), else None."""
-    if not on_hopper(q.device):
-        return None
-    from fachat.kernels.triton import decode_hopper
-    return decode_hopper if decode_hopper.supports(q, k_cache, v_cache, kv_len, window, softcap) else None
+    hopper = hopper_module(q.device, "decode_hopper")
+    return hopper if hopper is not None and hopper.supports(q, k_cache, v_cache, kv_len, window, softcap) else None
 
 
 @cache

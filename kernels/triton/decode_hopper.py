@@ -221,15 +221,17 @@ class Split:
     num_parts: int  # partial slots a row: the most programs whose static share touches one group
 
 
+def _window_tiles(kv_len: int, window: int | None) -> tuple[int, int]:
+    """(first key in the window, tiles from the one that holds it to kv_len)."""
+    lo = max(kv_len - window, 0) if window else 0
+    return lo, -(-kv_len // BLOCK_N) - lo // BLOCK_N
+
+
 @lru_cache(maxsize=64)  # a decode step asks once a layer, the same each time
 def split(kv_len: int, window: int | None, groups: int, sms: int) -> Split | None:
-    """How a call splits, or None where decode.py's kernel should run it: too short, or a split where some
+    """How a call splits, or None where it cannot: past what a stage's tag holds, or a split where some
     group would hold no program's last static tile (nobody would take its pool)."""
-    lo = max(kv_len - window, 0) if window else 0
-    t_lo = lo // BLOCK_N
-    tiles = -(-kv_len // BLOCK_N) - t_lo
-    if groups * tiles < MIN_TILES_PER_SM * sms:
-        return None
+    lo, tiles = _window_tiles(kv_len, window)
     if kv_len > 65535 * BLOCK_N or groups >= 32768:  # a stage's tag packs group * 65536 + tile in an int32
         return None
     pool_g = int(tiles * POOL)
@@ -239,14 +241,17 @@ def split(kv_len: int, window: int | None, groups: int, sms: int) -> Split | Non
         return None
     programs = -(-groups * static_g // base)  # each with a static share, so a home pool
     num_parts = max(((g + 1) * static_g - 1) // base - g * static_g // base + 1 for g in range(groups))
-    return Split(lo, t_lo, static_g, pool_g, base, programs, num_parts)
+    return Split(lo, lo // BLOCK_N, static_g, pool_g, base, programs, num_parts)
 
 
 def supports(q, k_cache, v_cache, kv_len, window, softcap) -> bool:
     """Whether this kernel takes a decode_attention call that is already on an sm_90 GPU. The length comes
-    first: it turns away short contexts in a cached lookup (every decode call on Hopper asks)."""
-    return (isinstance(kv_len, int) and softcap is None
-            and split(kv_len, window, q.shape[0] * k_cache.shape[1], decode._sm_count(q.device)) is not None
+    first: every decode call on Hopper asks, and short contexts are turned away in a few operations."""
+    if not isinstance(kv_len, int) or softcap is not None:
+        return False
+    groups, sms = q.shape[0] * k_cache.shape[1], decode._sm_count(q.device)
+    return (groups * _window_tiles(kv_len, window)[1] >= MIN_TILES_PER_SM * sms
+            and split(kv_len, window, groups, sms) is not None
             and q.dtype in GL_DTYPES and k_cache.dtype == v_cache.dtype == q.dtype and q.shape[-1] in (64, 128)
             and q.shape[1] // k_cache.shape[1] <= Q_ROWS and all(tma_ready(t) for t in (q, k_cache, v_cache)))
 

@@ -21,7 +21,7 @@ import triton
 import triton.language as tl
 
 from fachat.kernels.triton.decode import (Launcher, _dot, _sm_count, _tanh, dot_args, kernel_layout,
-                                          on_hopper, output_for, score_scales)
+                                          hopper_module, output_for, score_scales)
 
 
 @dataclass(frozen=True)
@@ -54,10 +54,8 @@ def config(head_dim: int, dtype: torch.dtype, two_per_sm: bool = False) -> Prefi
 def gluon_kernel(q, k_cache, v_cache, kv_len, window, softcap):
     """prefill_hopper, where prefill_attention hands it this call (an sm_90 GPU, inputs it supports), else
     None."""
-    if not on_hopper(q.device):
-        return None
-    from fachat.kernels.triton import prefill_hopper
-    return prefill_hopper if prefill_hopper.supports(q, k_cache, v_cache, kv_len, window, softcap) else None
+    hopper = hopper_module(q.device, "prefill_hopper")
+    return hopper if hopper is not None and hopper.supports(q, k_cache, v_cache, kv_len, window, softcap) else None
 
 
 def config_for(q_shape: torch.Size, dtype: torch.dtype, device: torch.device) -> PrefillConfig:
