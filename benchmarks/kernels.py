@@ -1,6 +1,6 @@
 """The triton attention kernels against torch's scaled_dot_product_attention, on one CUDA GPU.
 
-    python benchmarks/kernels.py [--out benchmarks/results/kernels_h100.json] [--sweep] [--profile]
+    python benchmarks/kernels.py [--out benchmarks/results/kernels_h100.json] [--sweep] [--profile] [--between]
     ncu --clock-control none --kernel-name regex:'decode|prefill|flash|fmha|sdpa' \
         --section SpeedOfLight python benchmarks/kernels.py --ncu decode:16384
 
@@ -17,8 +17,8 @@ read + written).
 Prefill: causal at L = 2k, 8k, 32k, and a 512-token chunk onto 8k of cached past (SDPA with an explicit
 bottom-right mask), in TFLOP/s (4 * heads * head_dim * visible query-key pairs).
 --sweep times alternative block configurations of the Triton kernels (not the Gluon one); --profile prints
-torch.profiler's kernel table; --ncu decode:T or prefill:L only runs that case (triton, then SDPA), for
-Nsight Compute to profile.
+torch.profiler's kernel table; --between times decode against SDPA at every 2k keys up to 64k (GPU time
+only); --ncu decode:T or prefill:L only runs that case (triton, then SDPA), for Nsight Compute to profile.
 Prints a table; writes JSON and a PNG beside it.
 """
 from __future__ import annotations
@@ -38,6 +38,7 @@ from fachat.kernels.triton import decode, prefill
 
 HQ, HKV, D, DTYPE = 32, 8, 128, torch.bfloat16
 DECODE_T = [1024, 2048, 4096, 8192, 16384, 32768, 49152, 65536, 131072]
+BETWEEN_STEP, BETWEEN_MAX = 2048, 65536  # --between
 PREFILL = [("causal", 2048, 0), ("causal", 8192, 0), ("causal", 32768, 0), ("chunk", 512, 8192)]
 L2_BYTES = 50 * 2**20  # an H100's
 
@@ -143,11 +144,17 @@ def prefill_inputs(L: int, past: int, d: int = D):
     return q, k, v
 
 
-def bench_decode(T: int, copy_gbps: float, sms: int) -> dict:
+def decode_calls(T: int) -> tuple[list, list, list]:
+    """Input sets of T keys, and a call of decode.decode_attention and one of SDPA on each."""
     ins = decode_sets(T)
     ours = [lambda q=q, k=k, v=v: decode.decode_attention(q, k, v, T) for q, k, v in ins]
     sdpa = [lambda q=q, k=k, v=v: F.scaled_dot_product_attention(q[:, :, None], k, v, enable_gqa=True)
             for q, k, v in ins]
+    return ins, ours, sdpa
+
+
+def bench_decode(T: int, copy_gbps: float, sms: int) -> dict:
+    ins, ours, sdpa = decode_calls(T)
     gb = kv_bytes(T) / 1e9
     row = {"T": T, "kv_MB": gb * 1e3, "sets": len(ins), "kernel": decode_kernel(*ins[0], T, sms),
            "err": rel_err(ours[0](), sdpa[0]()[:, :, 0])}
@@ -156,6 +163,19 @@ def bench_decode(T: int, copy_gbps: float, sms: int) -> dict:
     row |= {f"{name}_do_bench_us": bench_us(fns[0]) for name, fns in (("triton", ours), ("sdpa", sdpa))}
     row |= {f"{name}_eager_us": us for name, us in eager_us({"triton": ours[0], "sdpa": sdpa[0]}).items()}
     return row
+
+
+def decode_between(copy_gbps: float, sms: int) -> list[dict]:
+    """GPU µs of the decode at every BETWEEN_STEP keys up to BETWEEN_MAX, next to SDPA's: the main table's T
+    are a sample, and the kernel changes at a length threshold."""
+    rows = []
+    for T in range(BETWEEN_STEP, BETWEEN_MAX + 1, BETWEEN_STEP):
+        ins, ours, sdpa = decode_calls(T)
+        us = gpu_us({"triton": ours, "sdpa": sdpa}, calls_per_graph=32, replays=9)
+        rows.append({"T": T, "kernel": decode_kernel(*ins[0], T, sms), "triton_us": us["triton"],
+                     "sdpa_us": us["sdpa"], "triton_frac": kv_bytes(T) / us["triton"] / 1e3 / copy_gbps})
+        del ins, ours, sdpa
+    return rows
 
 
 def decode_kernel(q, k, v, T: int, sms: int) -> str:
@@ -342,6 +362,8 @@ def main() -> None:
     ap.add_argument("--out", default="benchmarks/results/kernels_h100.json")
     ap.add_argument("--sweep", action="store_true", help="also time alternative block configurations")
     ap.add_argument("--profile", action="store_true", help="also print torch.profiler kernel tables")
+    ap.add_argument("--between", action="store_true",
+                    help=f"also time decode against SDPA at every {BETWEEN_STEP} keys up to {BETWEEN_MAX} (GPU time)")
     ap.add_argument("--ncu", metavar="CASE", help="only run decode:T or prefill:L, for Nsight Compute")
     args = ap.parse_args()
     torch.manual_seed(0)
@@ -358,6 +380,8 @@ def main() -> None:
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     result["decode"] = [bench_decode(T, result["copy_GBps"], sms) for T in DECODE_T]
     result["prefill"] = [bench_prefill(*case) for case in PREFILL]
+    if args.between:
+        result["decode_between"] = decode_between(result["copy_GBps"], sms)
     if args.profile:
         profile()
 
@@ -385,6 +409,13 @@ def main() -> None:
               f"| {r['triton_TFLOPs']:.0f} | {r['sdpa_TFLOPs']:.0f} | {r['ratio']:.2f} "
               f"| {r['ratio_turns'][0]:.2f}-{r['ratio_turns'][1]:.2f} "
               f"| {r['triton_do_bench_us']:.0f} / {r['sdpa_do_bench_us']:.0f} | {r['err']:.1e} |")
+    if args.between:
+        print(f"\ndecode at every {BETWEEN_STEP} keys, GPU µs")
+        print("| T | kernel | triton µs | SDPA µs | triton / SDPA | triton / copy |")
+        print("| ---: | --- " + "| ---: " * 4 + "|")
+        for r in result["decode_between"]:
+            print(f"| {r['T']} | {r['kernel']} | {r['triton_us']:.1f} | {r['sdpa_us']:.1f} "
+                  f"| {r['triton_us'] / r['sdpa_us']:.3f} | {r['triton_frac']:.0%} |")
     print(f"\nwrote {out} and {out.with_suffix('.png')}")
 
 

@@ -9,12 +9,12 @@ numpy >= 2.4: 3.9 does, 3.6 does not (triton-lang/triton#9171).
 """
 from __future__ import annotations
 
-import importlib
 import os
 
 import pytest
 import torch
 
+from conftest import record_calls
 from test_kernels import check, make_inputs, ref_attention
 
 CUDA = torch.cuda.is_available()
@@ -334,14 +334,6 @@ def test_prefill_two_programs_per_sm(dtype, window, gen, seed):
     assert cfg == prefill.config(D, dtype, two_per_sm=True) and cfg.max_registers, cfg
     out = run_prefill(q, k, v, n, window=window, cfg=cfg)  # cfg: this kernel even where the Gluon one would run
     check(out, ref_attention(q, k, v, [n], window=window), dtype, f"Lq={Lq} n={n} window={window} seed={seed}")
-
-
-def record_calls(monkeypatch, module: str, name: str) -> list:
-    """The keyword arguments of each call to fachat.kernels.triton.<module>.<name>, recorded."""
-    mod = importlib.import_module(f"fachat.kernels.triton.{module}")
-    calls, launch = [], getattr(mod, name)
-    monkeypatch.setattr(mod, name, lambda *a, **kw: calls.append(kw) or launch(*a, **kw))
-    return calls
 
 
 @pytest.fixture
