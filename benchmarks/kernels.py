@@ -335,8 +335,12 @@ def plot(result: dict, path: Path) -> None:
     fig, (a, b) = plt.subplots(1, 2, figsize=(12, 4.5))
     dec = result["decode"]
     Ts = [r["T"] for r in dec]
-    for name in ("triton", "sdpa"):
-        a.plot(Ts, [r[f"{name}_GBps"] for r in dec], marker="o", label=name)
+    for name, color in (("triton", "C0"), ("sdpa", "C1")):
+        a.plot(Ts, [r[f"{name}_GBps"] for r in dec], marker="o", color=color, label=name)
+        between = result.get("decode_between", [])
+        if between:
+            a.plot([r["T"] for r in between], [kv_bytes(r["T"]) / r[f"{name}_us"] / 1e3 for r in between],
+                   color=color, lw=0.8, alpha=0.6, label=f"{name}, every {BETWEEN_STEP} keys")
     a.axhline(result["copy_GBps"], color="gray", ls="--", label="device copy")
     a.axhline(0.85 * result["copy_GBps"], color="gray", ls=":", label="85% of copy")
     a.set_xscale("log", base=2)
