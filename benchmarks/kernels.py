@@ -9,8 +9,8 @@ the set a call reads), replayed and timed with events; the median over replays, 
 out the host's launch overhead, which "eager µs" shows: wall time per call of back-to-back calls
 without a graph, as an engine without graphs sees it (rounds of triton and SDPA in turns, median).
 do_bench µs is triton.testing.do_bench (a 256 MB memset before each call to flush L2, events around
-the call); on an H100 it reads 12-14 µs above the graph's time for either side, likely the write-back
-of L2 lines the memset leaves dirty (not verified).
+the call); on an H100 it reads 12-14 µs above the graph's time for either side, most of it the
+write-back, during the timed call, of the L2 lines the memset leaves dirty (benchmarks/README.md).
 Decode: batch 1, 32 query heads over 8 KV heads, head_dim 128, bf16, T from 1k to 128k; GB/s of K/V
 read, and that as a fraction of the device-to-device copy bandwidth measured in the same run (bytes
 read + written).
