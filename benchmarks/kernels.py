@@ -158,11 +158,19 @@ def bench_decode(T: int, copy_gbps: float, sms: int) -> dict:
     gb = kv_bytes(T) / 1e9
     row = {"T": T, "kv_MB": gb * 1e3, "sets": len(ins), "kernel": decode_kernel(*ins[0], T, sms),
            "err": rel_err(ours[0](), sdpa[0]()[:, :, 0])}
-    for name, us in gpu_us({"triton": ours, "sdpa": sdpa}).items():
-        row |= {f"{name}_us": us, f"{name}_GBps": gb / us * 1e6, f"{name}_frac": gb / us * 1e6 / copy_gbps}
+    row |= decode_speeds(T, gpu_us({"triton": ours, "sdpa": sdpa}), copy_gbps)
     row |= {f"{name}_do_bench_us": bench_us(fns[0]) for name, fns in (("triton", ours), ("sdpa", sdpa))}
     row |= {f"{name}_eager_us": us for name, us in eager_us({"triton": ours[0], "sdpa": sdpa[0]}).items()}
     return row
+
+
+def decode_speeds(T: int, us: dict, copy_gbps: float) -> dict:
+    """µs, GB/s of K/V read and that as a fraction of copy bandwidth, for each name of `us` (µs a call)."""
+    speeds = {}
+    for name, t in us.items():
+        gbps = kv_bytes(T) / t / 1e3
+        speeds |= {f"{name}_us": t, f"{name}_GBps": gbps, f"{name}_frac": gbps / copy_gbps}
+    return speeds
 
 
 def decode_between(copy_gbps: float, sms: int) -> list[dict]:
@@ -172,15 +180,14 @@ def decode_between(copy_gbps: float, sms: int) -> list[dict]:
     for T in range(BETWEEN_STEP, BETWEEN_MAX + 1, BETWEEN_STEP):
         ins, ours, sdpa = decode_calls(T)
         us = gpu_us({"triton": ours, "sdpa": sdpa}, calls_per_graph=32, replays=9)
-        rows.append({"T": T, "kernel": decode_kernel(*ins[0], T, sms), "triton_us": us["triton"],
-                     "sdpa_us": us["sdpa"], "triton_frac": kv_bytes(T) / us["triton"] / 1e3 / copy_gbps})
+        rows.append({"T": T, "kernel": decode_kernel(*ins[0], T, sms)} | decode_speeds(T, us, copy_gbps))
         del ins, ours, sdpa
     return rows
 
 
 def decode_kernel(q, k, v, T: int, sms: int) -> str:
     """Which kernel decode.decode_attention runs for these inputs, in words."""
-    hopper = decode.gluon_kernel(q, k, v, T, None, None)
+    hopper = decode.gluon_kernel("decode_hopper", q, k, v, T, None, None)
     if hopper is not None:
         return f"gluon, persistent, {hopper.split(T, None, HKV, sms).programs} programs"
     return f"triton, {decode.split(T, HKV, sms, decode.config(D, DTYPE))[1]} partitions"
@@ -192,7 +199,7 @@ def prefill_flops(L: int, past: int) -> int:
 
 def prefill_kernel(q, k, v, n: int) -> str:
     """Which kernel prefill.prefill_attention runs for these inputs, in words."""
-    if prefill.gluon_kernel(q, k, v, n, None, None) is not None:
+    if decode.gluon_kernel("prefill_hopper", q, k, v, n, None, None) is not None:
         return "gluon, warp-specialised (sm_90)"
     c = prefill.config_for(q.shape, k.dtype, q.device)
     cap = f", <= {c.max_registers} regs" if c.max_registers else ""
@@ -339,7 +346,7 @@ def plot(result: dict, path: Path) -> None:
         a.plot(Ts, [r[f"{name}_GBps"] for r in dec], marker="o", color=color, label=name)
         between = result.get("decode_between", [])
         if between:
-            a.plot([r["T"] for r in between], [kv_bytes(r["T"]) / r[f"{name}_us"] / 1e3 for r in between],
+            a.plot([r["T"] for r in between], [r[f"{name}_GBps"] for r in between],
                    color=color, lw=0.8, alpha=0.6, label=f"{name}, every {BETWEEN_STEP} keys")
     a.axhline(result["copy_GBps"], color="gray", ls="--", label="device copy")
     a.axhline(0.85 * result["copy_GBps"], color="gray", ls=":", label="85% of copy")

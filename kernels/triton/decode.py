@@ -335,10 +335,10 @@ def hopper_module(device: torch.device, name: str):
     return importlib.import_module(f"fachat.kernels.triton.{name}")
 
 
-def gluon_kernel(q, k_cache, v_cache, kv_len, window, softcap):
-    """decode_hopper, where decode_attention hands it this call (an sm_90 GPU, inputs it supports, a long
-    context), else None."""
-    hopper = hopper_module(q.device, "decode_hopper")
+def gluon_kernel(name: str, q, k_cache, v_cache, kv_len, window, softcap):
+    """The Gluon module `name` (decode_hopper, prefill_hopper) where its attention call takes this one (an
+    sm_90 GPU, inputs its `supports` accepts), else None."""
+    hopper = hopper_module(q.device, name)
     return hopper if hopper is not None and hopper.supports(q, k_cache, v_cache, kv_len, window, softcap) else None
 
 
@@ -380,7 +380,8 @@ def decode_attention(q, k_cache, v_cache, kv_len, *, scale=None, window=None, so
     B, Hq, D = q.shape
     Hkv = k_cache.shape[1]
     device, kv_dtype = q.device, k_cache.dtype
-    hopper = None if cfg or partition_size else gluon_kernel(q, k_cache, v_cache, kv_len, window, softcap)
+    hopper = None if cfg or partition_size else gluon_kernel("decode_hopper", q, k_cache, v_cache, kv_len, window,
+                                                             softcap)
     if hopper is not None:
         return hopper.decode_attention(q, k_cache, v_cache, kv_len, qk_scale=score_scales(scale, None, D)[0],
                                        window=window, out=output_for(q, out))

@@ -20,8 +20,8 @@ import torch
 import triton
 import triton.language as tl
 
-from fachat.kernels.triton.decode import (Launcher, _dot, _sm_count, _tanh, dot_args, kernel_layout,
-                                          hopper_module, output_for, score_scales)
+from fachat.kernels.triton.decode import (Launcher, _dot, _sm_count, _tanh, dot_args, gluon_kernel, kernel_layout,
+                                          output_for, score_scales)
 
 
 @dataclass(frozen=True)
@@ -49,13 +49,6 @@ def config(head_dim: int, dtype: torch.dtype, two_per_sm: bool = False) -> Prefi
         return PrefillConfig(128, 64, 8, 2, max_registers=128)
     # Fastest or tied within noise in benchmarks/kernels.py --sweep on an H100 (bf16, L = 8k and 32k, D = 64, 128).
     return PrefillConfig(128, 64, 8 if head_dim == 128 else 4, 3)
-
-
-def gluon_kernel(q, k_cache, v_cache, kv_len, window, softcap):
-    """prefill_hopper, where prefill_attention hands it this call (an sm_90 GPU, inputs it supports), else
-    None."""
-    hopper = hopper_module(q.device, "prefill_hopper")
-    return hopper if hopper is not None and hopper.supports(q, k_cache, v_cache, kv_len, window, softcap) else None
 
 
 def config_for(q_shape: torch.Size, dtype: torch.dtype, device: torch.device) -> PrefillConfig:
@@ -189,7 +182,7 @@ def prefill_attention(q, k_cache, v_cache, kv_len, *, scale=None, window=None, s
     if window is not None:
         window = min(window, k_cache.shape[2])  # no change in meaning; keeps it an int32 for the kernel
     out = output_for(q, out)
-    hopper = None if cfg is not None else gluon_kernel(q, k_cache, v_cache, kv_len, window, softcap)
+    hopper = None if cfg is not None else gluon_kernel("prefill_hopper", q, k_cache, v_cache, kv_len, window, softcap)
     if hopper is not None:
         return hopper.prefill_attention(q, k_cache, v_cache, kv_len, qk_scale=score_scales(scale, None, D)[0],
                                         window=window, out=out)
