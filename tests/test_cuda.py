@@ -114,9 +114,12 @@ def test_triton_backend_float32_greedy_tokens_identical(head64_models, variant, 
 @pytest.mark.parametrize("decode_kernel", ["auto", "decode_hopper"])
 @pytest.mark.parametrize("variant", ["llama", "mistral-window"])
 def test_triton_backend_bfloat16_logits_close(head64_models, variant, decode_kernel, monkeypatch, gen, seed):
-    """bf16 rounding differs between the backends, so logits are compared, not tokens: the triton
-    backend is about as close to the float32 logits as the reference backend is (both some 7e-2 of
-    the largest logit off on these random models), and much closer to the reference than that.
+    """bf16 rounding differs between the backends, so logits are compared, not tokens, with the reference
+    backend's float32 logits as truth (independent of the kernels under test): the triton backend is
+    about as close to them as the reference backend is (both some 3e-2 to 1.5e-1 of the largest logit
+    off on these random models), and closer to the reference backend than that. Over 150 random models
+    on an H100 the two ratios to the reference's error peaked at 1.30 and 0.62; with decode's scores
+    scaled by 1.05, every one of 10 models broke the second bound (1.36 to 2.74).
     decode_hopper: every decode step runs the persistent Gluon kernel, which the engine otherwise
     reaches only past some 36 tiles of keys per multiprocessor, longer than these models' context."""
     pytest.importorskip("triton", reason="the triton backend needs triton")
@@ -124,7 +127,9 @@ def test_triton_backend_bfloat16_logits_close(head64_models, variant, decode_ker
         pytest.skip("decode_hopper runs on Hopper (sm_90) GPUs only")
     path = head64_models(variant)
     triton, reference = load_pair(path, "bfloat16", monkeypatch)
+    monkeypatch.setenv(BACKEND_ENV, "reference")
     exact = Engine.load(path, device="cuda", dtype="float32")
+    monkeypatch.delenv(BACKEND_ENV)
     ids = torch.randint(3, triton.args.vocab_size, (PREFILL_CHUNK + 60,), generator=gen).tolist()
     n_prompt = PREFILL_CHUNK + 30
     want = step_logits(exact, ids, n_prompt)
@@ -140,7 +145,7 @@ def test_triton_backend_bfloat16_logits_close(head64_models, variant, decode_ker
     msg = (f"{variant}: vs float32 triton {err_triton:.2e}, reference {err_ref:.2e}; between {err_between:.2e}; "
            f"seed={seed}")
     print(msg)
-    assert err_triton < 1.5 * err_ref + 5e-3 and err_between < 0.5 * err_ref + 5e-3, msg
+    assert err_triton < 1.5 * err_ref + 5e-3 and err_between < err_ref + 5e-3, msg
 
 
 def test_verbose_cli_names_the_backend(head64_models):
