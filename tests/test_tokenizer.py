@@ -1,7 +1,6 @@
 """Chat templates and special tokens, against transformers' tokenizer on the same files."""
 from __future__ import annotations
 
-
 import pytest
 import torch
 

@@ -14,8 +14,9 @@ one program per multiprocessor runs two partitions:
   the programs that touch that group. decode._decode_reduce (RUNS) then combines each row's partials.
 
 The pool counters are 0 when a call starts: the last producer of a call to finish claiming puts them
-back, and counters_for keeps them per stream (per call under CUDA-graph capture). On an H100 with 8 KV heads this runs from about 38k keys, where
-it beats decode.py's kernel (benchmarks/README.md has the figures).
+back, and counters_for keeps them per stream (per call under CUDA-graph capture). On an H100 with 8 KV
+heads this runs from about 38k keys, where it beats decode.py's kernel (benchmarks/README.md has the
+figures).
 """
 from __future__ import annotations
 
@@ -31,7 +32,7 @@ from triton.experimental.gluon.language.nvidia.hopper import mbarrier, warpgroup
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
 from fachat.kernels.triton import decode
-from fachat.kernels.triton.prefill_hopper import GL_DTYPES, tma_load, tma_ready
+from fachat.kernels.triton.prefill_hopper import gluon_inputs, smem_layout, tma_load
 
 BLOCK_N, NUM_STAGES = 64, 3
 Q_ROWS = 64  # wgmma's rows: a group's query heads, padded
@@ -189,7 +190,8 @@ def _consumer(k_desc, v_desc, q_desc, Work, Counters, k_bufs, v_bufs, q_bufs, me
 
 
 # Lengths and splits change from call to call: specialising on their values would recompile.
-@gluon.jit(do_not_specialize=["kv_len", "lo", "t_lo", "static_g", "pool_g", "n_groups", "base", "HKV", "G", "num_parts"])
+@gluon.jit(do_not_specialize=["kv_len", "lo", "t_lo", "static_g", "pool_g", "n_groups", "base", "HKV", "G",
+                              "num_parts"])
 def _decode_persistent(Work, Counters, k_desc, v_desc, q_desc, kv_len, lo, t_lo, static_g, pool_g, n_groups, base,
                        HKV, G, num_parts, qk_scale, NUM_STAGES: gl.constexpr, Q_ROWS: gl.constexpr,
                        PRODUCER_REGS: gl.constexpr):
@@ -198,7 +200,8 @@ def _decode_persistent(Work, Counters, k_desc, v_desc, q_desc, kv_len, lo, t_lo,
     tl.extra.cuda.gdc_launch_dependents()
     k_bufs = gl.allocate_shared_memory(k_desc.dtype, [NUM_STAGES] + k_desc.block_type.shape, k_desc.layout)
     v_bufs = gl.allocate_shared_memory(v_desc.dtype, [NUM_STAGES] + v_desc.block_type.shape, v_desc.layout)
-    q_bufs = gl.allocate_shared_memory(q_desc.dtype, [NUM_STAGES, 1, 1, Q_ROWS, q_desc.block_type.shape[3]], q_desc.layout)
+    q_bufs = gl.allocate_shared_memory(q_desc.dtype, [NUM_STAGES, 1, 1, Q_ROWS, q_desc.block_type.shape[3]],
+                                       q_desc.layout)
     meta = gl.allocate_shared_memory(gl.int32, [NUM_STAGES, 1], gl.SwizzledSharedLayout(1, 1, 1, [0]))
     ready = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
     empty = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
@@ -251,14 +254,8 @@ def supports(q, k_cache, v_cache, kv_len, window, softcap) -> bool:
         return False
     groups, sms = q.shape[0] * k_cache.shape[1], decode._sm_count(q.device)
     return (groups * _window_tiles(kv_len, window)[1] >= MIN_TILES_PER_SM * sms
-            and split(kv_len, window, groups, sms) is not None
-            and q.dtype in GL_DTYPES and k_cache.dtype == v_cache.dtype == q.dtype and q.shape[-1] in (64, 128)
-            and q.shape[1] // k_cache.shape[1] <= Q_ROWS and all(tma_ready(t) for t in (q, k_cache, v_cache)))
-
-
-@cache
-def _smem_layout(rows: int, head_dim: int, dtype: torch.dtype):
-    return gl.NVMMASharedLayout.get_default_for([1, 1, rows, head_dim], GL_DTYPES[dtype])
+            and split(kv_len, window, groups, sms) is not None and q.shape[1] // k_cache.shape[1] <= Q_ROWS
+            and gluon_inputs(q, k_cache, v_cache))
 
 
 def _descriptor(base: torch.Tensor, shape: list, strides: list, block_shape: list, layout) -> TensorDescriptor:
@@ -323,12 +320,12 @@ def decode_attention(q, k_cache, v_cache, kv_len: int, *, qk_scale: float, windo
     target = decode.launch_target()
     work = decode.workspace(B * Hq, sp.num_parts, D, q.device, target)
     counters = counters_for(target, groups + 1, q.device)  # a pool's tickets per group, producers done
-    kv_layout = _smem_layout(BLOCK_N, D, q.dtype)
+    kv_layout = smem_layout(BLOCK_N, D, q.dtype)
     k_desc, v_desc = (_descriptor(t, [B, Hkv, kv_len, D], list(t.stride()), [1, 1, BLOCK_N, D], kv_layout)
                       for t in (k_cache, v_cache))
     q_box = max(8, 1 << (G - 1).bit_length())  # query heads loaded, of the Q_ROWS wgmma takes
     q_desc = _descriptor(q, [B, Hkv, G, D], [q.stride(0), G * q.stride(1), q.stride(1), 1], [1, 1, q_box, D],
-                         _smem_layout(Q_ROWS, D, q.dtype))
+                         smem_layout(Q_ROWS, D, q.dtype))
     # Triton specialises a descriptor on its block shape, dtype and layout: q_box and D, with q's dtype.
     _launch((sp.programs, 1, 1), (q.dtype, D, q_box), (work, counters),
             (k_desc, v_desc, q_desc, kv_len, sp.lo, sp.t_lo, sp.static_g, sp.pool_g, groups, sp.base, Hkv, G,
