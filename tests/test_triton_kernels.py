@@ -415,7 +415,7 @@ def any_length(monkeypatch):
 @pytest.mark.parametrize("dtype", [F16, BF16])
 def test_hopper_decode(dtype, D, G, window, gen, seed, hopper_decode_calls, any_length):
     """The persistent kernel on the calls it takes: random lengths, K/V past kv_len NaN (TMA must load
-    zeros), out and workspace NaN before (the counters live there: the zeroing kernel must run)."""
+    zeros), out and workspace NaN before."""
     B, Hkv = 2, 2
     n = int(torch.randint(1, 6000, (1,), generator=gen))
     q, k, v = make_inputs(gen, B, Hkv, G, 1, D, [n] * B, n + 40, dtype=dtype)
@@ -472,17 +472,20 @@ def test_hopper_decode_leaves_the_rest_to_triton(case, gen, seed, hopper_decode_
 
 @needs_hopper
 def test_hopper_decode_reused_workspace_and_graph_replays(gen, seed, hopper_decode_calls, any_length, monkeypatch):
-    """The real workspace, reused call after call, and a CUDA graph of calls replayed on new inputs (each
-    captured call zeroes its own counters): every answer agrees with float64, and the eager calls' shared
-    counters are back to 0 after each call."""
+    """The real workspace, reused call after call, and a CUDA graph of calls replayed on new inputs: the
+    first two captured calls take their counters from a pool with room for two, the third zeroes its own
+    in the graph. Every answer agrees with float64, and the eager calls' shared counters and the pool are
+    back to 0 after each call and each replay."""
     from fachat.kernels.triton import decode_hopper
+
+    B, Hkv, G, D = 1, 8, 4, 128
+    pool = torch.zeros(2 * (B * Hkv + 1), dtype=torch.int32, device=DEVICE)  # a call takes groups + 1
 
     def counters_zero():
         torch.cuda.synchronize()
-        return all(not c.any() for c in decode_hopper._counters.values())
+        return all(not c.any() for c in [*decode_hopper._counters.values(), pool])
 
     monkeypatch.setattr(decode, "workspace", WORKSPACE)
-    B, Hkv, G, D = 1, 8, 4, 128
 
     def inputs():
         n = int(torch.randint(3000, 9000, (1,), generator=gen))
@@ -493,6 +496,8 @@ def test_hopper_decode_reused_workspace_and_graph_replays(gen, seed, hopper_deco
         q, k, v, n, want = inputs()
         check(decode.decode_attention(q, k, v, n).cpu(), want, BF16, f"eager n={n} seed={seed}")
         assert counters_zero()
+    assert q.device in decode_hopper._capture_pools, "eager calls set no counters aside for captured ones"
+    monkeypatch.setitem(decode_hopper._capture_pools, q.device, [pool, 0])
     n = int(torch.randint(3000, 9000, (1,), generator=gen))
     q, k, v = (t.to(DEVICE) for t in make_inputs(gen, B, Hkv, G, 1, D, [n], n, dtype=BF16))
     q = q[:, :, 0]
@@ -504,6 +509,7 @@ def test_hopper_decode_reused_workspace_and_graph_replays(gen, seed, hopper_deco
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         outs = [decode.decode_attention(q, k, v, n) for _ in range(3)]
+    assert decode_hopper._capture_pools[q.device][1] == pool.numel(), "captured calls did not take the pool"
     for _ in range(3):  # new inputs in the captured buffers
         q2, k2, v2 = make_inputs(gen, B, Hkv, G, 1, D, [n], n, dtype=BF16)
         q.copy_(q2[:, :, 0])
@@ -511,7 +517,7 @@ def test_hopper_decode_reused_workspace_and_graph_replays(gen, seed, hopper_deco
         v.copy_(v2)
         graph.replay()
         want = ref_attention(q2, k2, v2, [n])[:, :, 0]
-        for out in outs:
-            check(out.cpu(), want, BF16, f"graph n={n} seed={seed}")
+        for i, out in enumerate(outs):
+            check(out.cpu(), want, BF16, f"graph call {i} n={n} seed={seed}")
         assert counters_zero()
     assert len(hopper_decode_calls) == 9  # 5 eager, 1 before the capture, 3 captured

@@ -21,6 +21,7 @@ figures).
 from __future__ import annotations
 
 from dataclasses import dataclass
+import threading
 from functools import cache, lru_cache
 
 import torch
@@ -285,6 +286,9 @@ def _zero_counters(Counters, n, BLOCK: tl.constexpr):
 
 _counters = {}  # (device, stream) -> int32 counters of eager calls, all 0 between calls
 _launch_zero = decode.Launcher(_zero_counters)
+CAPTURE_COUNTERS = 1 << 16  # set aside per device for captured calls: 256 KB, some 7000 calls of 8 KV groups
+_capture_pools = {}  # device -> [zeroed counters for captured calls, how many are handed out]
+_capture_lock = threading.Lock()
 
 
 @cache
@@ -292,20 +296,41 @@ def _zero_constexprs(n: int) -> dict:
     return dict(BLOCK=1 << (n - 1).bit_length(), num_warps=1, launch_pdl=True)
 
 
+def _pooled(n: int, device: torch.device) -> torch.Tensor | None:
+    """n counters of the device's pool that no call had before, or None where it has no room (or none)."""
+    with _capture_lock:
+        pool = _capture_pools.get(device)
+        if pool is None or pool[1] + n > pool[0].numel():
+            return None
+        pool[1] += n
+        return pool[0][pool[1] - n:pool[1]]
+
+
 def counters_for(target: tuple[int, int], n: int, device: torch.device) -> torch.Tensor:
     """At least n int32 counters at 0 for a call on launch target (device, stream).
 
     Eager calls on one stream share a buffer, zeroed once: they run in order, and each puts the counters
-    back to 0 before it ends. Under CUDA-graph capture each call gets its own, zeroed by a small kernel
-    ahead of it (about 1.1 µs more a call on an H100), since a graph may be replayed on any stream, next
-    to other graphs, and before whatever else captured on its stream."""
+    back to 0 before it ends. A call captured in a CUDA graph needs counters of its own, since a graph
+    may be replayed on any stream, next to other graphs: a slice of a pool that the first eager call on
+    the device sets aside and zeroes, which the kernel puts back to 0 in turn. A slice is never handed
+    out again (a graph may live for good). Where the pool has no room (or the device has run no eager
+    call), the counters come from the graph's memory, zeroed by a small kernel ahead of the call: about
+    1 µs more a call on an H100."""
     if torch.cuda.is_current_stream_capturing():
-        buf = torch.empty(n, dtype=torch.int32, device=device)
-        _launch_zero((1, 1, 1), None, (buf,), (n,), _zero_constexprs(n), target)
+        buf = _pooled(n, device)
+        if buf is None:
+            buf = torch.empty(n, dtype=torch.int32, device=device)
+            _launch_zero((1, 1, 1), None, (buf,), (n,), _zero_constexprs(n), target)
         return buf
     buf = _counters.get(target)
     if buf is None or buf.numel() < n:
         buf = _counters[target] = torch.zeros(max(n, 64), dtype=torch.int32, device=device)
+        if device not in _capture_pools:
+            pool = torch.zeros(CAPTURE_COUNTERS, dtype=torch.int32, device=device)
+            # Zeroed before any graph that takes a slice can replay, on whatever stream: once a device.
+            torch.cuda.current_stream(device).synchronize()
+            with _capture_lock:
+                _capture_pools.setdefault(device, [pool, 0])
     return buf
 
 
