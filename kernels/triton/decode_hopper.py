@@ -20,8 +20,8 @@ figures).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 import threading
+from dataclasses import dataclass
 from functools import cache, lru_cache
 
 import torch
