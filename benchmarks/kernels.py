@@ -156,7 +156,7 @@ def decode_calls(T: int) -> tuple[list, list, list]:
 def bench_decode(T: int, copy_gbps: float, sms: int) -> dict:
     ins, ours, sdpa = decode_calls(T)
     gb = kv_bytes(T) / 1e9
-    row = {"T": T, "kv_MB": gb * 1e3, "sets": len(ins), "kernel": decode_kernel(*ins[0], T, sms),
+    row = {"T": T, "kv_MB": gb * 1e3, "sets": len(ins), "kernel": decode_kernel(T, sms),
            "err": rel_err(ours[0](), sdpa[0]()[:, :, 0])}
     row |= decode_speeds(T, gpu_us({"triton": ours, "sdpa": sdpa}), copy_gbps)
     row |= {f"{name}_do_bench_us": bench_us(fns[0]) for name, fns in (("triton", ours), ("sdpa", sdpa))}
@@ -180,17 +180,14 @@ def decode_between(copy_gbps: float, sms: int) -> list[dict]:
     for T in range(BETWEEN_STEP, BETWEEN_MAX + 1, BETWEEN_STEP):
         ins, ours, sdpa = decode_calls(T)
         us = gpu_us({"triton": ours, "sdpa": sdpa}, calls_per_graph=32, replays=9)
-        rows.append({"T": T, "kernel": decode_kernel(*ins[0], T, sms)} | decode_speeds(T, us, copy_gbps))
+        rows.append({"T": T, "kernel": decode_kernel(T, sms)} | decode_speeds(T, us, copy_gbps))
         del ins, ours, sdpa
     return rows
 
 
-def decode_kernel(q, k, v, T: int, sms: int) -> str:
-    """Which kernel decode.decode_attention runs for these inputs, in words."""
-    hopper = decode.gluon_kernel("decode_hopper", q, k, v, T, None, None)
-    if hopper is not None:
-        return f"gluon, persistent, {hopper.split(T, None, HKV, sms).programs} programs"
-    return f"triton, {decode.split(T, HKV, sms, decode.config(D, DTYPE))[1]} partitions"
+def decode_kernel(T: int, sms: int) -> str:
+    """How decode.decode_attention splits T keys, in words."""
+    return f"triton, {decode.split(T, HKV, sms, decode.config(D, DTYPE))} partitions"
 
 
 def prefill_flops(L: int, past: int) -> int:
@@ -199,7 +196,7 @@ def prefill_flops(L: int, past: int) -> int:
 
 def prefill_kernel(q, k, v, n: int) -> str:
     """Which kernel prefill.prefill_attention runs for these inputs, in words."""
-    if decode.gluon_kernel("prefill_hopper", q, k, v, n, None, None) is not None:
+    if prefill.gluon_kernel(q, k, v, n, None, None) is not None:
         return "gluon, warp-specialised (sm_90)"
     c = prefill.config_for(q.shape, k.dtype, q.device)
     cap = f", <= {c.max_registers} regs" if c.max_registers else ""
@@ -259,7 +256,7 @@ def sweep(copy_gbps: float) -> list[dict]:
     print("decode sdpa:", "  ".join(f"{T // 1024}k {frac(T, u)}" for T, u in us.items()), flush=True)
     for block_n, warps, stages in SWEEP_DECODE:
         for per_sm in (1, 2, 3, 4):
-            cfg = decode.DecodeConfig(block_n, warps, stages, per_sm, block_n)
+            cfg = decode.DecodeConfig(block_n, warps, stages, per_sm)
             us = {T: time_cfg([lambda q=q, k=k, v=v, T=T, c=cfg: decode.decode_attention(q, k, v, T, cfg=c)
                                for q, k, v in ins])
                   for T, ins in inputs.items()}

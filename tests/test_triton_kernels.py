@@ -86,39 +86,39 @@ def block_n(D, dtype):
 # ---------------------------------------------------------------- decode
 
 
-def test_split_fills_the_gpu_and_covers_the_span(gen, seed):
+def test_split_gives_every_partition_a_tile_and_fills_the_gpu(gen, seed):
     cfg = decode.config(128, BF16)
     for _ in range(300):
         span = int(torch.randint(1, 200_000, (1,), generator=gen))
         rows = int(torch.randint(1, 64, (1,), generator=gen))
         sms = int(torch.randint(1, 200, (1,), generator=gen))
-        size, n = decode.split(span, rows, sms, cfg)
-        target = cfg.programs_per_sm * sms  # programs
-        msg = f"span={span} rows={rows} sms={sms} -> size={size} n={n}; seed={seed}"
-        assert size % cfg.block_n == 0 and (n - 1) * size < span <= n * size, msg  # no empty partition
-        assert n == 1 or (size >= cfg.min_partition and n <= -(-target // rows)), msg
-        # Close to the target where the span allows partitions of the minimum size.
-        enough = min(-(-target // rows), span // cfg.min_partition)
-        if span >= 8 * enough * cfg.block_n:
-            assert n >= 0.85 * enough, msg
-    # H100 at batch 1 with 8 KV heads: one partition for a short context, the GPU full for a long one.
-    assert decode.split(100, 8, 132, cfg)[1] == 1
-    assert decode.split(128 * 1024, 8, 132, cfg)[1] * 8 >= 0.9 * cfg.programs_per_sm * 132
+        n = decode.split(span, rows, sms, cfg)
+        whole = span // cfg.block_n
+        msg = f"span={span} rows={rows} sms={sms} -> {n} partitions; seed={seed}"
+        assert 1 <= n <= max(1, whole), msg  # a whole tile each: no empty partition
+        assert n == 1 or n * rows <= 2 * sms, msg  # one wave
+        if n < whole:  # tiles left over: one more partition would pass the programs-per-SM target
+            assert (n + 1) * rows > cfg.programs_per_sm * sms, msg
+    # H100 at batch 1 with 8 KV heads: a tile per partition for short contexts, then 16 partitions (128
+    # programs) however long.
+    assert [decode.split(n, 8, 132, cfg) for n in (100, 1024, 2048, 4096, 16384, 128 * 1024)] == [1, 16, 32, 16, 16, 16]
 
 
-@pytest.mark.parametrize("length", ["1", "tile-1", "tile+1", "part-1", "part", "part+1", "2part+37"])
+@pytest.mark.parametrize("length", ["1", "tile-1", "tile+1", "2tile-1", "2tile", "2tile+1", "5tile+37"])
 @pytest.mark.parametrize("len_as", ["int", "tensor"])
-def test_decode_lengths_around_tiles_and_partitions(length, len_as, gen, seed):
+@pytest.mark.parametrize("parts", [2, 3])
+def test_decode_lengths_around_tiles_and_partitions(length, len_as, parts, gen, seed):
+    """Tiles dealt to 2 or 3 partitions: empty partitions, a ragged last tile, and partitions that get one
+    tile more than others."""
     B, Hkv, G, D = 2, 2, 2, 64
     tile = block_n(D, F32)
-    part = 2 * tile
-    n = {"1": 1, "tile-1": tile - 1, "tile+1": tile + 1, "part-1": part - 1, "part": part, "part+1": part + 1,
-         "2part+37": 2 * part + 37}[length]
+    n = {"1": 1, "tile-1": tile - 1, "tile+1": tile + 1, "2tile-1": 2 * tile - 1, "2tile": 2 * tile,
+         "2tile+1": 2 * tile + 1, "5tile+37": 5 * tile + 37}[length]
     capacity = n + int(torch.randint(1, 40, (1,), generator=gen))
     q, k, v = make_inputs(gen, B, Hkv, G, 1, D, [n] * B, capacity)  # spare capacity is NaN
     kv_len = n if len_as == "int" else torch.full((B,), n)
-    out = run_decode(q[:, :, 0], k, v, kv_len, partition_size=part)
-    check(out, ref_attention(q, k, v, [n] * B)[:, :, 0], F32, f"n={n} capacity={capacity} seed={seed}")
+    out = run_decode(q[:, :, 0], k, v, kv_len, num_partitions=parts)
+    check(out, ref_attention(q, k, v, [n] * B)[:, :, 0], F32, f"n={n} parts={parts} capacity={capacity} seed={seed}")
 
 
 @pytest.mark.parametrize("dtype", [F32, F16, BF16])
@@ -129,7 +129,7 @@ def test_decode_gqa_head_dims_dtypes(G, D, dtype, gen, seed):
     tile = block_n(D, dtype)
     n = int(torch.randint(1, 4 * tile, (1,), generator=gen))
     q, k, v = make_inputs(gen, B, Hkv, G, 1, D, [n], n + 3, dtype=dtype)
-    out = run_decode(q[:, :, 0], k, v, n, partition_size=tile)  # up to four partitions and the reduce
+    out = run_decode(q[:, :, 0], k, v, n, num_partitions=3)  # up to four tiles over three partitions
     check(out, ref_attention(q, k, v, [n])[:, :, 0], dtype, f"G={G} D={D} {dtype} n={n} seed={seed}")
 
 
@@ -141,8 +141,8 @@ def test_decode_reduce_over_many_chunks_of_partitions(gen, seed):
     chunk = 8192 // D  # partitions per chunk of the reduce kernel
     n = (2 * chunk + 1) * tile - int(torch.randint(0, tile, (1,), generator=gen))
     q, k, v = make_inputs(gen, B, Hkv, G, 1, D, [n], n + 5, q_scale=2.0)
-    k[:, :, n - 2 * tile:n] *= 3  # later maxima force the running rescale
-    out = run_decode(q[:, :, 0], k, v, n, partition_size=tile)
+    k[:, :, n - 2 * tile:n] *= 3  # later maxima (in the last partitions: a tile each) force the running rescale
+    out = run_decode(q[:, :, 0], k, v, n, num_partitions=2 * chunk + 1)
     check(out, ref_attention(q, k, v, [n])[:, :, 0], F32, f"n={n} chunk={chunk} seed={seed}")
 
 
@@ -154,7 +154,7 @@ def test_decode_window_and_softcap(window, softcap, dtype, gen, seed):
     n = 130 + int(torch.randint(0, 200, (1,), generator=gen))
     q, k, v = make_inputs(gen, B, Hkv, G, 1, D, [n] * B, n + 9, dtype=dtype, q_scale=4.0)  # scores reach the cap
     scale = float(torch.empty(1).uniform_(0.05, 0.3, generator=gen))
-    out = run_decode(q[:, :, 0], k, v, n, scale=scale, window=window, softcap=softcap, partition_size=64)
+    out = run_decode(q[:, :, 0], k, v, n, scale=scale, window=window, softcap=softcap, num_partitions=3)
     ref = ref_attention(q, k, v, [n] * B, scale=scale, window=window, softcap=softcap)[:, :, 0]
     check(out, ref, dtype, f"window={window} softcap={softcap} {dtype} n={n} scale={scale} seed={seed}")
 
@@ -171,16 +171,28 @@ def test_decode_per_row_lengths(window, fill, gen, seed):
                           fill=float("nan") if fill == "nan" else fill)
     ref = ref_attention(q, k, v, lengths.tolist(), window=window)[:, :, 0]
     for kv_len in (lengths, lengths.to(torch.int32)):
-        out = run_decode(q[:, :, 0], k, v, kv_len, window=window, partition_size=64)
+        out = run_decode(q[:, :, 0], k, v, kv_len, window=window, num_partitions=4)
         check(out, ref, F32, f"lengths={kv_len.tolist()} {kv_len.dtype} window={window} seed={seed}")
 
 
 @pytest.mark.parametrize("n", [1, 100, 1000])
 def test_decode_default_split(n, gen, seed):
-    """partition_size left to the heuristic (one partition in the interpreter, many on a GPU)."""
+    """num_partitions left to the heuristic (one partition in the interpreter, many on a GPU)."""
     B, Hkv, G, D = 1, 2, 4, 128
     q, k, v = make_inputs(gen, B, Hkv, G, 1, D, [n], n + 1, dtype=BF16)
     check(run_decode(q[:, :, 0], k, v, n), ref_attention(q, k, v, [n])[:, :, 0], BF16, f"n={n} seed={seed}")
+
+
+@needs_gpu
+@pytest.mark.parametrize("n,window", [(1, None), (63, None), (64, None), (65, None), (129, 64), (4097, 63),
+                                      (4096, 65), (20_011, 4000), (70_001, None)])
+def test_decode_default_split_tile_edges(n, window, gen, seed):
+    """The GPU's own split (a tile a partition for short spans, one program a multiprocessor for long ones)
+    at lengths and windows that end on, or one past, a tile."""
+    B, Hkv, G, D = 1, 8, 4, 128
+    q, k, v = make_inputs(gen, B, Hkv, G, 1, D, [n] * B, n + 8, dtype=BF16)
+    out = run_decode(q[:, :, 0], k, v, n, window=window)
+    check(out, ref_attention(q, k, v, [n] * B, window=window)[:, :, 0], BF16, f"n={n} window={window} seed={seed}")
 
 
 @needs_gpu
@@ -288,7 +300,7 @@ def test_unaligned_views(fn, gen, seed):
     bufs = [torch.empty(t.numel() + 1, dtype=F16) for t in (q, k, v)]
     qv, kv, vv = (b[1:].view(t.shape).copy_(t) for b, t in zip(bufs, (q, k, v), strict=True))
     if fn == "decode":
-        out = run_decode(qv[:, :, -1], kv, vv, n, partition_size=64)
+        out = run_decode(qv[:, :, -1], kv, vv, n, num_partitions=2)
         ref = ref_attention(q[:, :, -1:], k, v, [n])[:, :, 0]
     else:
         out, ref = run_prefill(qv, kv, vv, n), ref_attention(q, k, v, [n])
@@ -301,7 +313,7 @@ def test_repeated_decode_calls(gen, seed):
     B, Hkv, G, D, n = 2, 2, 4, 128, 700
     for i in range(3):
         q, k, v = make_inputs(gen, B, Hkv, G, 1, D, [n] * B, n + 8, dtype=BF16)
-        out = run_decode(q[:, :, 0], k, v, n - i, partition_size=128)
+        out = run_decode(q[:, :, 0], k, v, n - i, num_partitions=5)
         check(out, ref_attention(q, k, v, [n - i] * B)[:, :, 0], BF16, f"call {i} seed={seed}")
     if CUDA:
         assert decode._launch_partition.kernels and decode._launch_reduce.kernels, "the direct launch was never used"
@@ -390,134 +402,3 @@ def test_hopper_prefill_leaves_the_rest_to_triton(case, gen, seed, hopper_calls)
     out = run_prefill(q, k, v, kv_len, **kw)
     assert not hopper_calls, case
     check(out, ref_attention(q, k, v, lengths, **kw), dtype, f"{case} seed={seed}")
-
-
-# ---------------------------------------------------------------- decode on Hopper (Gluon)
-
-
-@pytest.fixture
-def hopper_decode_calls(monkeypatch):
-    """The calls decode.decode_attention hands to the persistent Gluon kernel (decode_hopper)."""
-    return record_calls(monkeypatch, "decode_hopper", "decode_attention")
-
-
-@pytest.fixture
-def any_length(monkeypatch):
-    """decode_hopper takes short contexts too (it normally leaves them to decode.py's kernel)."""
-    from fachat.kernels.triton import decode_hopper
-    monkeypatch.setattr(decode_hopper, "MIN_TILES_PER_SM", 0)
-
-
-@needs_hopper
-@pytest.mark.parametrize("window", [None, 300])
-@pytest.mark.parametrize("G", [1, 4, 8])
-@pytest.mark.parametrize("D", [64, 128])
-@pytest.mark.parametrize("dtype", [F16, BF16])
-def test_hopper_decode(dtype, D, G, window, gen, seed, hopper_decode_calls, any_length):
-    """The persistent kernel on the calls it takes: random lengths, K/V past kv_len NaN (TMA must load
-    zeros), out and workspace NaN before."""
-    B, Hkv = 2, 2
-    n = int(torch.randint(1, 6000, (1,), generator=gen))
-    q, k, v = make_inputs(gen, B, Hkv, G, 1, D, [n] * B, n + 40, dtype=dtype)
-    out = run_decode(q[:, :, 0], k, v, n, window=window)
-    assert len(hopper_decode_calls) == 1, "the call did not go to the Gluon kernel"
-    check(out, ref_attention(q, k, v, [n] * B, window=window)[:, :, 0], dtype, f"n={n} seed={seed}")
-
-
-@needs_hopper
-@pytest.mark.parametrize("n,window", [(1, None), (63, None), (64, None), (65, None), (129, 64), (4097, 63),
-                                      (4096, 65), (20_011, 4000)])
-def test_hopper_decode_tile_edges(n, window, gen, seed, hopper_decode_calls, any_length):
-    """Lengths and windows that end on, or one past, a 64-key tile; 32 KV groups, so static shares span
-    groups and many programs share each group's pool."""
-    B, Hkv, G, D = 4, 8, 4, 128
-    q, k, v = make_inputs(gen, B, Hkv, G, 1, D, [n] * B, n + 8, dtype=BF16)
-    out = run_decode(q[:, :, 0], k, v, n, window=window)
-    assert len(hopper_decode_calls) == 1
-    check(out, ref_attention(q, k, v, [n] * B, window=window)[:, :, 0], BF16, f"n={n} window={window} seed={seed}")
-
-
-@needs_hopper
-def test_hopper_decode_takes_long_contexts_on_its_own(gen, seed, hopper_decode_calls):
-    """At the default threshold: a long context goes to the Gluon kernel, a short one does not; both right."""
-    B, Hkv, G, D = 1, 8, 2, 128
-    for n, gluon in ((70_001, True), (2_000, False)):
-        q, k, v = make_inputs(gen, B, Hkv, G, 1, D, [n], n + 64, dtype=BF16)
-        before = len(hopper_decode_calls)
-        out = run_decode(q[:, :, 0], k, v, n)
-        assert (len(hopper_decode_calls) > before) == gluon, n
-        check(out, ref_attention(q, k, v, [n])[:, :, 0], BF16, f"n={n} seed={seed}")
-
-
-@needs_hopper
-@pytest.mark.parametrize("case", ["softcap", "per-row lengths", "float32", "head_dim 256"])
-def test_hopper_decode_leaves_the_rest_to_triton(case, gen, seed, hopper_decode_calls, any_length):
-    """What the Gluon kernel does not take runs decode.py's kernel, and is right."""
-    B, Hkv, G, D, n, dtype = 2, 2, 4, 128, 3000, BF16
-    lengths, kw = [n] * B, {}
-    if case == "softcap":
-        kw["softcap"] = 5.0
-    elif case == "per-row lengths":
-        lengths = [n, n - 777]
-    elif case == "float32":
-        dtype = F32
-    else:
-        D = 256
-    q, k, v = make_inputs(gen, B, Hkv, G, 1, D, lengths, n + 20, dtype=dtype)
-    kv_len = torch.tensor(lengths) if case == "per-row lengths" else n
-    out = run_decode(q[:, :, 0], k, v, kv_len, **kw)
-    assert not hopper_decode_calls, case
-    check(out, ref_attention(q, k, v, lengths, **kw)[:, :, 0], dtype, f"{case} seed={seed}")
-
-
-@needs_hopper
-def test_hopper_decode_reused_workspace_and_graph_replays(gen, seed, hopper_decode_calls, any_length, monkeypatch):
-    """The real workspace, reused call after call, and a CUDA graph of calls replayed on new inputs: the
-    first two captured calls take their counters from a pool with room for two, the third zeroes its own
-    in the graph. Every answer agrees with float64, and the eager calls' shared counters and the pool are
-    back to 0 after each call and each replay."""
-    from fachat.kernels.triton import decode_hopper
-
-    B, Hkv, G, D = 1, 8, 4, 128
-    pool = torch.zeros(2 * (B * Hkv + 1), dtype=torch.int32, device=DEVICE)  # a call takes groups + 1
-
-    def counters_zero():
-        torch.cuda.synchronize()
-        return all(not c.any() for c in [*decode_hopper._counters.values(), pool])
-
-    monkeypatch.setattr(decode, "workspace", WORKSPACE)
-
-    def inputs():
-        n = int(torch.randint(3000, 9000, (1,), generator=gen))
-        q, k, v = make_inputs(gen, B, Hkv, G, 1, D, [n], 9000, dtype=BF16)
-        return q[:, :, 0].to(DEVICE), k.to(DEVICE), v.to(DEVICE), n, ref_attention(q, k, v, [n])[:, :, 0]
-
-    for _ in range(5):
-        q, k, v, n, want = inputs()
-        check(decode.decode_attention(q, k, v, n).cpu(), want, BF16, f"eager n={n} seed={seed}")
-        assert counters_zero()
-    assert q.device in decode_hopper._capture_pools, "eager calls set no counters aside for captured ones"
-    monkeypatch.setitem(decode_hopper._capture_pools, q.device, [pool, 0])
-    n = int(torch.randint(3000, 9000, (1,), generator=gen))
-    q, k, v = (t.to(DEVICE) for t in make_inputs(gen, B, Hkv, G, 1, D, [n], n, dtype=BF16))
-    q = q[:, :, 0]
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        decode.decode_attention(q, k, v, n)  # compiled outside the capture
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        outs = [decode.decode_attention(q, k, v, n) for _ in range(3)]
-    assert decode_hopper._capture_pools[q.device][1] == pool.numel(), "captured calls did not take the pool"
-    for _ in range(3):  # new inputs in the captured buffers
-        q2, k2, v2 = make_inputs(gen, B, Hkv, G, 1, D, [n], n, dtype=BF16)
-        q.copy_(q2[:, :, 0])
-        k.copy_(k2)
-        v.copy_(v2)
-        graph.replay()
-        want = ref_attention(q2, k2, v2, [n])[:, :, 0]
-        for i, out in enumerate(outs):
-            check(out.cpu(), want, BF16, f"graph call {i} n={n} seed={seed}")
-        assert counters_zero()
-    assert len(hopper_decode_calls) == 9  # 5 eager, 1 before the capture, 3 captured

@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fachat.kernels.triton.decode import (Launcher, _dot, _sm_count, _tanh, dot_args, gluon_kernel, kernel_layout,
+from fachat.kernels.triton.decode import (INTERPRET, Launcher, _dot, _sm_count, _tanh, dot_args, kernel_layout,
                                           output_for, score_scales)
 
 
@@ -171,6 +171,21 @@ def _constexprs(Hq: int, G: int, D: int, dtype: torch.dtype, per_row: bool, wind
 _launch = Launcher(_prefill)
 
 
+@cache
+def _hopper_module(device: torch.device):
+    """prefill_hopper (Gluon) where it runs: compiled, on an sm_90 GPU; else None. Imported once."""
+    if INTERPRET or device.type != "cuda" or torch.cuda.get_device_capability(device) != (9, 0):
+        return None
+    from fachat.kernels.triton import prefill_hopper
+    return prefill_hopper
+
+
+def gluon_kernel(q, k_cache, v_cache, kv_len, window, softcap):
+    """prefill_hopper where its kernel takes this call (an sm_90 GPU, inputs its `supports` accepts), else None."""
+    hopper = _hopper_module(q.device)
+    return hopper if hopper is not None and hopper.supports(q, k_cache, v_cache, kv_len, window, softcap) else None
+
+
 def prefill_attention(q, k_cache, v_cache, kv_len, *, scale=None, window=None, softcap=None,
                       out: torch.Tensor | None = None, cfg: PrefillConfig | None = None):
     """q [B, Hq, Lq, D] holding the last Lq of kv_len positions -> [B, Hq, Lq, D]; the contract of
@@ -182,7 +197,7 @@ def prefill_attention(q, k_cache, v_cache, kv_len, *, scale=None, window=None, s
     if window is not None:
         window = min(window, k_cache.shape[2])  # no change in meaning; keeps it an int32 for the kernel
     out = output_for(q, out)
-    hopper = None if cfg is not None else gluon_kernel("prefill_hopper", q, k_cache, v_cache, kv_len, window, softcap)
+    hopper = None if cfg is not None else gluon_kernel(q, k_cache, v_cache, kv_len, window, softcap)
     if hopper is not None:
         return hopper.prefill_attention(q, k_cache, v_cache, kv_len, qk_scale=score_scales(scale, None, D)[0],
                                         window=window, out=out)

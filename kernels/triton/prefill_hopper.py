@@ -174,8 +174,8 @@ def tma_ready(t: torch.Tensor) -> bool:
 
 
 def gluon_inputs(q, k_cache, v_cache) -> bool:
-    """Whether the Gluon kernels (this one and decode_hopper's) read these: q, K and V of one 16-bit
-    dtype, head_dim 64 or 128, laid out as TMA reads them."""
+    """Whether the Gluon kernel reads these: q, K and V of one 16-bit dtype, head_dim 64 or 128, laid out
+    as TMA reads them."""
     return (q.dtype in GL_DTYPES and k_cache.dtype == v_cache.dtype == q.dtype and q.shape[-1] in (64, 128)
             and all(tma_ready(t) for t in (q, k_cache, v_cache)))
 
