@@ -187,7 +187,7 @@ def decode_between(copy_gbps: float, sms: int) -> list[dict]:
 
 def decode_kernel(T: int, sms: int) -> str:
     """How decode.decode_attention splits T keys, in words."""
-    return f"triton, {decode.split(T, HKV, sms, decode.config(D, DTYPE))} partitions"
+    return f"triton, {decode.split(T, HKV, D, sms, decode.config(D, DTYPE))} partitions"
 
 
 def prefill_flops(L: int, past: int) -> int:

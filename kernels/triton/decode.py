@@ -40,12 +40,17 @@ class DecodeConfig:
     programs_per_sm: int  # at long context: partitions for about this many programs per multiprocessor
 
 
+REDUCE_CHUNK = 8192  # fp32 elements of partial outputs the reduce holds at once: 8192 // head_dim partitions
+
+
 @cache
 def config(head_dim: int, dtype: torch.dtype) -> DecodeConfig:
     block_n = 64 if head_dim * dtype.itemsize <= 256 else 32
     # From benchmarks/kernels.py --sweep on an H100 (bf16, D = 128, 8 KV heads): one program per
     # multiprocessor (16 partitions, 128 programs) beat two (33) by 1.5 µs at 16k keys and 8 µs at 128k.
-    return DecodeConfig(block_n=block_n, num_warps=4, num_stages=3, programs_per_sm=1)
+    # Smaller tiles (head_dim 64 in 16 bits: 8 KB) want more programs for as many bytes in flight.
+    programs_per_sm = max(1, 16384 // (block_n * head_dim * dtype.itemsize))
+    return DecodeConfig(block_n=block_n, num_warps=4, num_stages=3, programs_per_sm=programs_per_sm)
 
 
 @cache
@@ -55,15 +60,18 @@ def _sm_count(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-def split(span: int, rows: int, sms: int, cfg: DecodeConfig) -> int:
+def split(span: int, rows: int, head_dim: int, sms: int, cfg: DecodeConfig) -> int:
     """Partitions for `span` live keys, `rows` = batch * KV heads and `sms` multiprocessors; the span's
     tiles are dealt to them in turn. A short span gets a partition per tile while one wave of two programs
-    a multiprocessor holds them all: each program then waits for one tile. A longer one gets
-    cfg.programs_per_sm programs a multiprocessor at most, so that none waits for a second wave."""
+    a multiprocessor holds them all and the reduce takes their partials in one chunk: each program then
+    waits for one tile. A longer one gets cfg.programs_per_sm programs a multiprocessor at most, so that
+    none waits for a second wave, and no more partitions than its longest one's tiles need."""
     tiles = max(1, span // cfg.block_n)  # whole tiles: a ragged end goes with one of them
-    if tiles * rows <= 2 * sms:
+    if tiles * rows <= 2 * sms and tiles <= REDUCE_CHUNK // head_dim:
         return tiles
-    return max(1, min(tiles, cfg.programs_per_sm * sms // rows))
+    most = max(1, cfg.programs_per_sm * sms // rows)
+    per_partition = -(-tiles // most)
+    return -(-tiles // per_partition)
 
 
 @triton.jit
@@ -338,8 +346,8 @@ def _constexprs(Hkv: int, G: int, D: int, dtype: torch.dtype, per_row: bool, win
 
 @cache
 def _reduce_constexprs(D: int, num_parts: int, pdl: bool) -> dict:
-    # Chunks of at most 8192 fp32 elements keep the reduce in registers however many partitions.
-    block_p = min(triton.next_power_of_2(num_parts), 8192 // D)
+    # Chunks of at most REDUCE_CHUNK keep the reduce in registers however many partitions.
+    block_p = min(triton.next_power_of_2(num_parts), REDUCE_CHUNK // D)
     return dict(D=D, BLOCK_P=block_p, ONE_CHUNK=num_parts <= block_p, PDL=pdl, launch_pdl=pdl, num_warps=4)
 
 
@@ -367,7 +375,7 @@ def decode_attention(q, k_cache, v_cache, kv_len, *, scale=None, window=None, so
     if window is not None:
         window = min(window, k_cache.shape[2])  # no change in meaning; keeps it an int32 for the kernel
         span = min(span, window)
-    num_parts = num_partitions or split(span, B * Hkv, _sm_count(device), cfg)
+    num_parts = num_partitions or split(span, B * Hkv, D, _sm_count(device), cfg)
     out = output_for(q, out)
     single = num_parts == 1
     pdl = _pdl(device)
