@@ -8,9 +8,10 @@ normalises and writes the output itself: one launch. On Hopper and later both ke
 programmatic dependent launch: each is resident before the kernel ahead of it has finished and waits
 for it on the device, which hides their launch latency.
 
-The live range's tiles are dealt to the partitions in turn, and at long context there is one program
-per multiprocessor (split): on an H100 this streams K/V faster than contiguous ranges, two programs a
-multiprocessor, or a persistent kernel that balances tiles while it runs (benchmarks/README.md).
+The live range's tiles are dealt to the partitions in turn, and at long context each multiprocessor
+runs the programs that keep 96 KB of K/V tiles in flight, one at head_dim 128 (split): on an H100 this
+streams K/V faster than contiguous ranges, more programs, or a persistent kernel that balances tiles
+while it runs (benchmarks/README.md).
 
 Scores are kept in base 2 (scaled by log2(e)) so that the softmax uses exp2.
 """
