@@ -6,7 +6,6 @@ a failure, set FACHAT_TEST_SEED to the session seed shown in the header.
 """
 from __future__ import annotations
 
-import importlib
 import json
 import os
 import shutil
@@ -31,14 +30,6 @@ SESSION_SEED = int(os.environ.get("FACHAT_TEST_SEED") or int.from_bytes(os.urand
 def derive_seed(*parts) -> int:
     """A 31-bit seed from the session seed and any labels (test id, variant name)."""
     return zlib.crc32(repr(parts).encode(), SESSION_SEED) & 0x7FFFFFFF
-
-
-def record_calls(monkeypatch, module: str, name: str) -> list:
-    """The keyword arguments of each call to fachat.kernels.triton.<module>.<name>, recorded."""
-    mod = importlib.import_module(f"fachat.kernels.triton.{module}")
-    calls, launch = [], getattr(mod, name)
-    monkeypatch.setattr(mod, name, lambda *a, **kw: calls.append(kw) or launch(*a, **kw))
-    return calls
 
 
 def pytest_report_header(config):

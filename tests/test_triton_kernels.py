@@ -14,7 +14,6 @@ import os
 import pytest
 import torch
 
-from conftest import record_calls
 from test_kernels import check, make_inputs, ref_attention
 
 CUDA = torch.cuda.is_available()
@@ -355,8 +354,12 @@ def test_prefill_two_programs_per_sm(dtype, window, gen, seed):
 
 @pytest.fixture
 def hopper_calls(monkeypatch):
-    """The calls prefill.prefill_attention hands to the Gluon kernel (prefill_hopper)."""
-    return record_calls(monkeypatch, "prefill_hopper", "prefill_attention")
+    """The keyword arguments of each call prefill.prefill_attention hands to the Gluon kernel (prefill_hopper)."""
+    from fachat.kernels.triton import prefill_hopper
+
+    calls, launch = [], prefill_hopper.prefill_attention
+    monkeypatch.setattr(prefill_hopper, "prefill_attention", lambda *a, **kw: calls.append(kw) or launch(*a, **kw))
+    return calls
 
 
 @needs_hopper

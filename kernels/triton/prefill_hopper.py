@@ -173,20 +173,15 @@ def tma_ready(t: torch.Tensor) -> bool:
             and all(stride * t.element_size() % 16 == 0 for stride in t.stride()[:-1]))
 
 
-def gluon_inputs(q, k_cache, v_cache) -> bool:
-    """Whether the Gluon kernel reads these: q, K and V of one 16-bit dtype, head_dim 64 or 128, laid out
-    as TMA reads them."""
-    return (q.dtype in GL_DTYPES and k_cache.dtype == v_cache.dtype == q.dtype and q.shape[-1] in (64, 128)
+def supports(q, k_cache, v_cache, kv_len, window, softcap) -> bool:
+    """Whether this kernel takes a prefill_attention call that is already on an sm_90 GPU."""
+    return (isinstance(kv_len, int) and q.shape[2] > 0 and softcap is None and q.dtype in GL_DTYPES
+            and k_cache.dtype == v_cache.dtype == q.dtype and q.shape[-1] in (64, 128)
             and all(tma_ready(t) for t in (q, k_cache, v_cache)))
 
 
-def supports(q, k_cache, v_cache, kv_len, window, softcap) -> bool:
-    """Whether this kernel takes a prefill_attention call that is already on an sm_90 GPU."""
-    return isinstance(kv_len, int) and q.shape[2] > 0 and softcap is None and gluon_inputs(q, k_cache, v_cache)
-
-
 @cache
-def smem_layout(rows: int, head_dim: int, dtype: torch.dtype):
+def _smem_layout(rows: int, head_dim: int, dtype: torch.dtype):
     """The shared-memory layout of a [1, 1, rows, head_dim] TMA box of dtype."""
     return gl.NVMMASharedLayout.get_default_for([1, 1, rows, head_dim], GL_DTYPES[dtype])
 
@@ -196,9 +191,9 @@ def prefill_attention(q, k_cache, v_cache, kv_len: int, *, qk_scale: float, wind
     calls `supports` takes. qk_scale is in base 2 (decode.score_scales)."""
     B, Hq, Lq, D = q.shape
     Hkv = k_cache.shape[1]
-    q_desc = TensorDescriptor(q, list(q.shape), list(q.stride()), [1, 1, BLOCK_M, D], smem_layout(BLOCK_M, D, q.dtype))
+    q_desc = TensorDescriptor(q, list(q.shape), list(q.stride()), [1, 1, BLOCK_M, D], _smem_layout(BLOCK_M, D, q.dtype))
     k_desc, v_desc = (TensorDescriptor(t, [B, Hkv, kv_len, D], list(t.stride()), [1, 1, BLOCK_N, D],
-                                       smem_layout(BLOCK_N, D, q.dtype)) for t in (k_cache, v_cache))
+                                       _smem_layout(BLOCK_N, D, q.dtype)) for t in (k_cache, v_cache))
     _prefill_warp_specialized[(B * Hq, triton.cdiv(Lq, BLOCK_M))](
         q_desc, k_desc, v_desc, out, kv_len, Lq, window or 0, qk_scale, HQ=Hq, G=Hq // Hkv, NUM_STAGES=NUM_STAGES,
         CONSUMER_REGS=CONSUMER_REGS, PRODUCER_REGS=PRODUCER_REGS, num_warps=4, maxnreg=MAX_REGS)
