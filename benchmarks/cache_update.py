@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from fachat.cache import ConcatKVCache, InPlaceKVCache
+from fachat.cache.kv_cache import ConcatKVCache, InPlaceKVCache
 
 import plots  # benchmarks/plots.py, beside this script
 

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from fachat import Engine
-from fachat.models import default_model
+from fachat.models.loaders import default_model
 
 import plots  # benchmarks/plots.py, beside this script
 from decode_cpu import prompt_ids

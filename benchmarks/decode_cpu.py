@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from fachat import Engine
-from fachat.models import default_model
+from fachat.models.loaders import default_model
 
 TEXT = ("The history of computing is a story of abstraction layered on abstraction. Early machines were wired "
         "by hand; later, stored programs let the same hardware run many tasks. Compilers translated human-readable "

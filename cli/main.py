@@ -211,8 +211,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         from fachat.cache.checkpoint import read_checkpoint_info
-        from fachat.engine import Engine, SamplingParams
-        from fachat.models import default_model
+        from fachat.engine.engine import Engine
+        from fachat.engine.sampling import SamplingParams
+        from fachat.models.loaders import default_model
 
         flags = sampling_flags(args)
         SamplingParams(**flags)  # bad flags and (below) a bad --resume file fail before the slow load
@@ -224,7 +225,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"Loaded on {engine.device.type} ({str(engine.dtype).removeprefix('torch.')}) "
               f"in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
         if args.verbose:
-            print(f"attention backend: {engine.attention_backend}", file=sys.stderr)
+            print(f"attention backend: {engine.attention_backend} ({engine.attention_backend_reason})", file=sys.stderr)
         if args.resume:
             session = engine.load_session(args.resume)
             session.configure(**flags)

@@ -11,11 +11,11 @@ from typing import Any, Sequence
 
 import torch
 
-from fachat.cache import InPlaceKVCache
+from fachat.cache.kv_cache import InPlaceKVCache
 from fachat.engine.generate import Generation, TextStream, prefill
 from fachat.engine.session import Session
 from fachat.errors import ContextLengthError
-from fachat.kernels.dispatch import BACKENDS, select_backend
+from fachat.kernels.dispatch import BACKENDS, choose_backend
 from fachat.models.loaders import LoadedModel, load_model
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
@@ -69,7 +69,8 @@ class Engine:
         # An explicit max_seq_len presets the cache capacity: no growth, memory known up front.
         self.preset_capacity = max_seq_len is not None
         self.max_seq_len = max_seq_len if max_seq_len is not None else self.args.max_position_embeddings
-        self.attention_backend = select_backend(device, dtype, self.args.head_dim)
+        # attention_backend_reason: why that backend runs (triton not installed, another device, ...).
+        self.attention_backend, self.attention_backend_reason = choose_backend(device, dtype, self.args.head_dim)
         self.model.attn = BACKENDS[self.attention_backend]
 
     @classmethod

@@ -7,7 +7,7 @@ from typing import Callable, Iterator, Sequence
 
 import torch
 
-from fachat.cache import InPlaceKVCache
+from fachat.cache.kv_cache import InPlaceKVCache
 from fachat.engine.sampling import Sampler
 from fachat.models.tokenizer import Tokenizer
 

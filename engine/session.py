@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Sequence
 
 import torch
 
-from fachat.cache import InPlaceKVCache
+from fachat.cache.kv_cache import InPlaceKVCache
 from fachat.cache.checkpoint import CheckpointInfo, dtype_name, load_checkpoint, save_checkpoint
 from fachat.engine.generate import Generation, TextStream, generate_step, prefill
 from fachat.engine.sampling import Sampler, SamplingParams, new_generator

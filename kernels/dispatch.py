@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import os
 from functools import cache
 from types import ModuleType
@@ -19,12 +20,16 @@ TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 @cache
-def _triton() -> ModuleType | str:
-    """The triton backend module, registered in BACKENDS; or why it does not import."""
+def _triton() -> ModuleType | None:
+    """The triton backend module, registered in BACKENDS; None where triton is not installed. A backend
+    that does not import although triton is installed is a broken install: that raises, never falls back."""
+    if importlib.util.find_spec("triton") is None:
+        return None
     try:
         module = importlib.import_module("fachat.kernels.triton")
     except ImportError as e:
-        return f"triton does not import ({e})"
+        raise ImportError(f"fa-chat's triton attention backend does not import, although triton is installed "
+                          f"(a broken install?): {e}") from e
     BACKENDS["triton"] = module
     return module
 
@@ -38,28 +43,35 @@ def _triton_unfit(device: torch.device, dtype: torch.dtype, head_dim: int) -> st
     if device.type not in ("cuda", "cpu"):
         return f"device {device} is neither CUDA nor CPU"
     module = _triton()
-    if isinstance(module, str):
-        return module
+    if module is None:
+        return "triton is not installed (pip install triton)"
     if device.type == "cpu" and not module.INTERPRET:
         return "CPU tensors need Triton's interpreter: set TRITON_INTERPRET=1 before fachat.kernels.triton is imported"
     return None
 
 
-def select_backend(device: torch.device | str, dtype: torch.dtype, head_dim: int, backend: str | None = None) -> str:
-    """Name of the backend to run: `backend`, else $FACHAT_ATTENTION_BACKEND, else "auto": triton on CUDA
-    where it fits (head_dim, dtype, triton installed), otherwise the torch reference."""
+def choose_backend(device: torch.device | str, dtype: torch.dtype, head_dim: int,
+                   backend: str | None = None) -> tuple[str, str]:
+    """(name, why) of the backend to run: `backend`, else $FACHAT_ATTENTION_BACKEND, else "auto": triton on
+    CUDA where it fits (head_dim, dtype, triton installed), otherwise the torch reference."""
     name = backend or os.environ.get(BACKEND_ENV) or "auto"
     if name not in NAMES:
         raise ValueError(f"backend {name!r} is not available; choose from: {', '.join(NAMES)}")
     device = torch.device(device)
-    if name == "auto":
-        fits = device.type == "cuda" and _triton_unfit(device, dtype, head_dim) is None
-        return "triton" if fits else "reference"
-    if name == "triton":
-        why = _triton_unfit(device, dtype, head_dim)
+    if name != "auto":
+        why = _triton_unfit(device, dtype, head_dim) if name == "triton" else None
         if why is not None:
             raise ValueError(f"attention backend 'triton' cannot run here: {why}")
-    return name
+        return name, "asked for" if backend else f"{BACKEND_ENV}={name}"
+    if device.type != "cuda":
+        return "reference", f"the device is {device.type}; triton runs on CUDA"
+    why = _triton_unfit(device, dtype, head_dim)
+    return ("reference", why) if why is not None else ("triton", f"CUDA, {dtype}, head_dim {head_dim}")
+
+
+def select_backend(device: torch.device | str, dtype: torch.dtype, head_dim: int, backend: str | None = None) -> str:
+    """Name of the backend to run (see choose_backend)."""
+    return choose_backend(device, dtype, head_dim, backend)[0]
 
 
 def _check(q, k_cache, v_cache, kv_len, q_dims: int) -> None:

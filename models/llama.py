@@ -10,7 +10,7 @@ from types import ModuleType
 import torch
 from torch import nn
 
-from fachat.cache import InPlaceKVCache
+from fachat.cache.kv_cache import InPlaceKVCache
 from fachat.models.config import ModelArgs, rope_inv_freq
 
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import fachat
-from fachat.cache import ConcatKVCache, InPlaceKVCache
+from fachat.cache.kv_cache import ConcatKVCache, InPlaceKVCache
 from fachat.errors import ContextLengthError
 
 

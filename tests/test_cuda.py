@@ -14,7 +14,7 @@ import torch
 from conftest import derive_seed
 from fachat import Engine
 from fachat.engine.generate import PREFILL_CHUNK, prefill
-from fachat.kernels import BACKEND_ENV
+from fachat.kernels.dispatch import BACKEND_ENV
 from test_models_tiny import rel_err
 from test_session import Logits, assert_exact, randint, random_prompt
 from tiny import make_tiny_model

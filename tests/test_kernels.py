@@ -11,7 +11,8 @@ import pytest
 import torch
 
 import fachat
-from fachat.kernels import BACKEND_ENV, reference
+from fachat.kernels import reference
+from fachat.kernels.dispatch import BACKEND_ENV
 
 P = reference.DEFAULT_PARTITION
 F64 = torch.float64
@@ -353,5 +354,27 @@ def test_triton_backend_where_it_cannot_run(case):
     run = subprocess.run([sys.executable, "-c", script, case], capture_output=True, text=True, env=env,
                          timeout=120)
     assert run.returncode == 0, run.stderr
-    expected = "triton does not import" if case == "no-triton" else "TRITON_INTERPRET=1"
+    expected = "triton is not installed" if case == "no-triton" else "TRITON_INTERPRET=1"
     assert "attention backend 'triton' cannot run here" in run.stdout and expected in run.stdout, run.stdout
+
+
+def test_a_broken_triton_backend_is_an_error_not_a_fallback():
+    """triton installed but fa-chat's backend module missing (as a wheel without kernels/triton was): choosing
+    a backend for CUDA raises, instead of quietly running the reference."""
+    pytest.importorskip("triton", reason="needs triton installed, to tell a broken backend from a missing triton")
+    script = textwrap.dedent("""
+        import sys
+        import torch
+        from fachat.kernels.dispatch import choose_backend
+        print(choose_backend('cpu', torch.float32, 64))
+        sys.modules['fachat.kernels.triton'] = None  # importing the backend now raises ImportError
+        try:
+            choose_backend('cuda', torch.bfloat16, 128)
+        except ImportError as e:
+            print('ImportError:', e)
+    """)
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", BACKEND_ENV)}
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert "('reference', 'the device is cpu; triton runs on CUDA')" in run.stdout, run.stdout
+    assert "ImportError: fa-chat's triton attention backend does not import" in run.stdout, run.stdout

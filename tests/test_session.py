@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import fachat
-from fachat.cache import InPlaceKVCache
+from fachat.cache.kv_cache import InPlaceKVCache
 from fachat.engine.generate import prefill
 from fachat.engine.sampling import Sampler
 from fachat.models.tokenizer import Tokenizer

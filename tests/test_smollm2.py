@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from fachat import Engine
-from fachat.models import default_model
+from fachat.models.loaders import default_model
 from gguf_util import smollm2_gguf
 
 transformers = pytest.importorskip("transformers", reason="transformers is the peer for these tests")

@@ -47,7 +47,7 @@ REDUCE_CHUNK = 8192  # fp32 elements of partial outputs the reduce holds at once
 @cache
 def config(head_dim: int, dtype: torch.dtype) -> DecodeConfig:
     block_n = 64 if head_dim * dtype.itemsize <= 256 else 32
-    # From benchmarks/kernels.py --sweep on an H100 (bf16, D = 128, 8 KV heads): one program per
+    # From benchmarks/attention.py --sweep on an H100 (bf16, D = 128, 8 KV heads): one program per
     # multiprocessor (16 partitions, 128 programs) beat two (33) by 1.5 µs at 16k keys and 8 µs at 128k.
     # Smaller tiles (head_dim 64 in 16 bits: 8 KB) want more programs for as many bytes in flight.
     programs_per_sm = max(1, 16384 // (block_n * head_dim * dtype.itemsize))

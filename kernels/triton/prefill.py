@@ -9,7 +9,7 @@ mask; tiles no query sees are never read.
 
 On Hopper, prefill_attention hands the calls it can to prefill_hopper's warp-specialised Gluon kernel
 (16-bit, head_dim 64 or 128, one kv_len for all rows, no softcap): 0.89-0.94x SDPA's TFLOP/s against
-0.75-0.76x for this kernel at L = 32k on an H100 (benchmarks/kernels.py).
+0.75-0.76x for this kernel at L = 32k on an H100 (benchmarks/attention.py).
 """
 from __future__ import annotations
 
@@ -47,7 +47,7 @@ def config(head_dim: int, dtype: torch.dtype, two_per_sm: bool = False) -> Prefi
         # against 0.69 at 32k (H100, in turns with SDPA). With fewer blocks it loses: 0.96x against
         # 1.59x for a 512-token chunk (128 programs).
         return PrefillConfig(128, 64, 8, 2, max_registers=128)
-    # Fastest or tied within noise in benchmarks/kernels.py --sweep on an H100 (bf16, L = 8k and 32k, D = 64, 128).
+    # Fastest or tied within noise in benchmarks/attention.py --sweep on an H100 (bf16, L = 8k and 32k, D = 64, 128).
     return PrefillConfig(128, 64, 8 if head_dim == 128 else 4, 3)
 
 

@@ -1,8 +1,8 @@
 """The triton attention kernels against torch's scaled_dot_product_attention, on one CUDA GPU.
 
-    python benchmarks/kernels.py [--out benchmarks/results/kernels_h100.json] [--sweep] [--profile] [--between]
+    python benchmarks/attention.py [--out benchmarks/results/kernels_h100.json] [--sweep] [--profile] [--between]
     ncu --clock-control none --kernel-name regex:'decode|prefill|flash|fmha|sdpa' \
-        --section SpeedOfLight python benchmarks/kernels.py --ncu decode:16384
+        --section SpeedOfLight python benchmarks/attention.py --ncu decode:16384
 
 GPU time: a CUDA graph of many calls, each on another of several input sets (so that L2 never holds
 the set a call reads), replayed and timed with events; the median over replays, per call. It leaves

@@ -1,1 +1,0 @@
-"""The fa-chat command line."""
