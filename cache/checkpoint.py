@@ -1,35 +1,42 @@
 """Session checkpoint files: one safetensors file with the live K/V of every layer and a JSON header.
 
-Layout (format version 1):
+Layout (format version 2):
 - tensors `k.{i}`, `v.{i}` for each layer i: K/V [B, Hkv, length, D] of positions [0, length), never the
   cache's spare capacity; `undo.k.{i}`, `undo.v.{i}`: [B, Hkv, undo_length, D], the K/V that undo puts back.
-- metadata key "fachat": JSON with format, version, model, dtype, layers, length, undo_length, tokens,
-  messages, turns, sampling, rng and crc32 (of the rest of the header, and of the tensor bytes).
+- metadata key "fachat": JSON with format, version, model (architecture, source, config_sha256 of the config
+  fields the math reads, weights_sha256 of every weight as stored in the model's file), dtype, layers, length,
+  undo_length, tokens, messages, turns, sampling, rng and crc32 (of the rest of the header, and of the tensor
+  bytes).
 
-Saving is atomic: a temp file in the target's folder, fsync, then os.replace. Loading checks the whole
-file (header, tensor names and shapes, checksums) before returning anything, and raises CheckpointError
-naming the file and the problem. Nothing is unpickled.
+Saving is atomic: a temp file `.{name}.{pid}-{random}.fa-chat-tmp` in the target's folder, fsync, then
+os.replace; the temp files of writers that died mid-save are removed by the next save to the same path.
+Loading checks the whole file (header, tensor names and shapes, checksums, and that the header's fields
+agree with each other) before returning anything, and raises CheckpointError naming the file and the
+problem. Nothing is unpickled.
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
-import tempfile
+import re
+import secrets
+import stat
 import zlib
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 
 from fachat.errors import CheckpointError
 
 FORMAT = "fa-chat session"
-VERSION = 1
+VERSION = 2
 META_KEY = "fachat"
+TMP_SUFFIX = ".fa-chat-tmp"
 DTYPES = {"float32": (torch.float32, "F32"), "float16": (torch.float16, "F16"), "bfloat16": (torch.bfloat16, "BF16")}
 KINDS = {dict: "an object", str: "a str", int: "an int", list: "a list"}
 REQUIRED = {"model": dict, "dtype": str, "layers": int, "length": int, "undo_length": int, "tokens": list,
@@ -73,31 +80,86 @@ class Checkpoint:
 def save_checkpoint(path: str | os.PathLike, keys: list[torch.Tensor], values: list[torch.Tensor],
                     undo_keys: list[torch.Tensor], undo_values: list[torch.Tensor], meta: dict[str, Any]) -> None:
     """Writes K/V (views are fine; any device) and the header fields in `meta` (model, tokens, messages,
-    turns, sampling, rng) to path, atomically."""
+    turns, sampling, rng) to path, atomically. A new file gets the mode the umask leaves; a file saved over
+    keeps its mode. Every failure raises an OSError (FileNotFoundError, PermissionError, IsADirectoryError...)
+    that names path."""
     path = Path(path)
     tensors = {}
     for i, (k, v, uk, uv) in enumerate(zip(keys, values, undo_keys, undo_values)):
         tensors.update({f"k.{i}": k, f"v.{i}": v, f"undo.k.{i}": uk, f"undo.v.{i}": uv})
-    # One copy each into fresh CPU memory: views of the live region are not contiguous, and safetensors
-    # refuses tensors that share storage.
+    # One copy each into fresh CPU memory: views of the live region are not contiguous.
     tensors = {name: torch.empty(t.shape, dtype=t.dtype).copy_(t) for name, t in tensors.items()}
     meta = dict(meta, format=FORMAT, version=VERSION, dtype=dtype_name(keys[0].dtype), layers=len(keys),
                 length=keys[0].shape[2], undo_length=undo_keys[0].shape[2])
     meta["crc32"] = {"header": _header_crc(meta), "data": _data_crc(tensors)}
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
     try:
-        save_file(tensors, tmp, metadata={META_KEY: json.dumps(meta, ensure_ascii=False)})
-        fd = os.open(tmp, os.O_RDONLY)
-        try:
-            os.fsync(fd)  # the data is on disk before the name points at it
-        finally:
-            os.close(fd)
+        _write_atomically(path, tensors, {META_KEY: json.dumps(meta, ensure_ascii=False)})
+    except OSError as e:  # it would name the temp file, which the user never asked for
+        raise OSError(e.errno, e.strerror, os.fspath(path)) from None
+
+
+def _write_atomically(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
+    if path.is_dir():  # refused now rather than by os.replace, after writing it all
+        raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR))
+    _remove_dead_temps(path)
+    tmp = path.parent / f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}{TMP_SUFFIX}"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # the umask applies, as to any new file
+    try:
+        with open(fd, "wb") as f:
+            with suppress(FileNotFoundError):
+                os.chmod(tmp, stat.S_IMODE(os.stat(path).st_mode))  # saving over a file keeps its mode
+            _write_safetensors(f, tensors, metadata)
+            f.flush()
+            os.fsync(f.fileno())  # the data is on disk before the name points at it
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
     _fsync_dir(path.parent)
+
+
+def _write_safetensors(f, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
+    """The safetensors layout: the header's size (8 bytes, little-endian), the JSON header padded with spaces
+    to 8 bytes, then the tensors' bytes. Written here: safetensors' save_file writes a temp file of its own
+    (mode 0600, named in its errors) and renames it over the target."""
+    header, offset = {"__metadata__": metadata}, 0
+    for name, t in tensors.items():
+        header[name] = {"dtype": DTYPES[dtype_name(t.dtype)][1], "shape": list(t.shape),
+                        "data_offsets": [offset, offset + t.nbytes]}
+        offset += t.nbytes
+    text = json.dumps(header, ensure_ascii=False).encode()
+    text += b" " * (-len(text) % 8)
+    f.write(len(text).to_bytes(8, "little") + text)
+    for t in tensors.values():
+        f.write(_bytes(t))
+
+
+def _remove_dead_temps(path: Path) -> None:
+    """Removes the temp files that writers killed mid-save left beside path; those of live writers stay."""
+    temp = re.compile(rf"\.{re.escape(path.name)}\.(\d+)-[0-9a-f]+{re.escape(TMP_SUFFIX)}")
+    try:
+        names = os.listdir(path.parent)
+    except OSError:
+        return  # the save itself will say what is wrong with the folder
+    for name in names:
+        match = temp.fullmatch(name)
+        if match and not _alive(int(match[1])):
+            with suppress(OSError):  # another user's, in a sticky folder: not ours to remove
+                os.unlink(path.parent / name)
+
+
+def _alive(pid: int) -> bool:
+    """Whether process pid exists (a reused pid keeps a dead writer's temp file: that errs on the safe side).
+    Where that cannot be asked safely (os.kill(pid, 0) is no probe on Windows), every writer counts as alive."""
+    if os.name != "posix":
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (OSError, OverflowError):  # PermissionError: another user's process
+        pass
+    return True
 
 
 def read_checkpoint_info(path: str | os.PathLike) -> CheckpointInfo:
@@ -126,6 +188,8 @@ def load_checkpoint(path: str | os.PathLike, check: Callable[[CheckpointInfo], N
 @contextmanager
 def _open(path):
     """safe_open, with every way a file can fail to open turned into a CheckpointError."""
+    if os.path.isdir(path):
+        raise CheckpointError(f"{path}: is a directory, not a checkpoint file")
     try:
         file = safe_open(os.fspath(path), framework="pt", device="cpu")
     except FileNotFoundError:
@@ -203,27 +267,43 @@ def _check_messages(messages, bad) -> None:
     for i, m in enumerate(messages):
         if not (isinstance(m, dict) and set(m) == {"role", "content"} and all(isinstance(x, str) for x in m.values())):
             bad(f"messages[{i}] must be {{'role': str, 'content': str}}, got {m!r}")
-    if any(m["role"] == "system" for m in messages[1:]):
-        bad("only messages[0] may be the system message")
+    first = 1 if messages and messages[0]["role"] == "system" else 0
+    for i in range(first, len(messages)):
+        role = ("user", "assistant")[(i - first) % 2]
+        if messages[i]["role"] != role:
+            bad(f"messages[{i}] is {messages[i]['role']!r} where {role!r} belongs: after an optional system "
+                "message, user and assistant messages alternate")
 
 
 def _check_turns(meta, bad) -> None:
-    """turns: the undo history, oldest first: {messages, start, tokens, kv} where kv counts the K/V positions
-    (from undo.k/undo.v, in turn order) that undo writes back at start."""
-    conversation = sum(m["role"] != "system" for m in meta["messages"])
-    for i, t in enumerate(meta["turns"]):
+    """turns: the undo history, oldest first: {messages, start, tokens, kv}, where kv counts the K/V positions
+    (from undo.k/undo.v, in turn order) that undo writes back at start. Each chat turn adds a user message and
+    its answer. The undos are played back, newest first, on the token count and cache length as Session.undo
+    does them: each must find the tokens it starts at."""
+    turns = meta["turns"]
+    for i, t in enumerate(turns):
         ok = (isinstance(t, dict) and set(t) == {"messages", "start", "tokens", "kv"}
               and all(_is_token(t[k]) for k in ("messages", "start", "kv")) and isinstance(t["tokens"], list)
               and all(_is_token(x) for x in t["tokens"]))
         if not ok:
             bad(f"turns[{i}] must be {{'messages', 'start', 'kv': int >= 0, 'tokens': [int]}}, got {t!r}")
-        if t["messages"] > conversation or t["kv"] > len(t["tokens"]):
-            bad(f"turns[{i}] points past the conversation or past its own tokens: {t!r}")
-    turns = meta["turns"]
-    if turns and turns[-1]["start"] > len(meta["tokens"]):
-        bad(f"the last turn starts at token {turns[-1]['start']}, past the {len(meta['tokens'])} tokens")
+        if t["messages"] != 2 * i:
+            bad(f"turns[{i}] begins at message {t['messages']}, but {i} turns before it make {2 * i} messages")
+    conversation = sum(m["role"] != "system" for m in meta["messages"])
+    if conversation != 2 * len(turns):
+        bad(f"{conversation} messages (system aside) do not make {len(turns)} turns of a user message and an answer")
     if sum(t["kv"] for t in turns) != meta["undo_length"]:
         bad(f"the turns hold {sum(t['kv'] for t in turns)} undo positions but undo_length is {meta['undo_length']}")
+    n, length = len(meta["tokens"]), meta["length"]
+    for i in reversed(range(len(turns))):
+        start, kv, cut = turns[i]["start"], turns[i]["kv"], len(turns[i]["tokens"])
+        if kv > cut:
+            bad(f"turns[{i}] has undo K/V for {kv} positions but only {cut} tokens")
+        if start > n:
+            bad(f"turns[{i}] starts at token {start}, past the {n} tokens that undoing it would find")
+        if length >= start:
+            length = start + kv
+        n = min(start + cut, length + 1)
 
 
 def _header_crc(meta: dict) -> int:
@@ -235,10 +315,13 @@ def _header_crc(meta: dict) -> int:
 def _data_crc(tensors: dict[str, torch.Tensor]) -> int:
     crc = 0
     for name in sorted(tensors):
-        t = tensors[name]
-        if t.numel():
-            crc = zlib.crc32(t.reshape(-1).view(torch.uint8).numpy(), crc)
+        crc = zlib.crc32(_bytes(tensors[name]), crc)
     return crc
+
+
+def _bytes(t: torch.Tensor):
+    """A contiguous CPU tensor's bytes, as a numpy view (numpy has no bfloat16)."""
+    return t.reshape(-1).view(torch.uint8).numpy()
 
 
 def _fsync_dir(folder: Path) -> None:

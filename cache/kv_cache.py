@@ -1,9 +1,11 @@
 """KV caches laid out [batch, kv_heads, capacity, head_dim], read by attention as buffer + live length."""
 from __future__ import annotations
 
+import math
+
 import torch
 
-from fachat.errors import ContextLengthError
+from fachat.errors import CacheMemoryError, ContextLengthError
 
 DEFAULT_INITIAL_CAPACITY = 256
 
@@ -29,8 +31,8 @@ class InPlaceKVCache:
         self.length = 0
         self.growths = 0
         shape = (batch_size, num_kv_heads, capacity, head_dim)
-        self.k = [torch.empty(shape, dtype=dtype, device=device) for _ in range(num_layers)]
-        self.v = [torch.empty(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.k = [_buffer(shape, dtype, device) for _ in range(num_layers)]
+        self.v = [_buffer(shape, dtype, device) for _ in range(num_layers)]
 
     @property
     def capacity(self) -> int:
@@ -47,7 +49,8 @@ class InPlaceKVCache:
         return self.nbytes * self.length // self.capacity
 
     def reserve(self, needed: int) -> None:
-        """Makes room for `needed` positions, doubling capacity as often as that takes."""
+        """Makes room for `needed` positions, doubling capacity as often as that takes. Every new buffer is
+        allocated before any is swapped in: a failed allocation leaves the cache as it was."""
         if self.max_seq_len is not None and needed > self.max_seq_len:
             raise ContextLengthError(f"{needed} tokens do not fit in max_seq_len={self.max_seq_len}")
         if needed <= self.capacity:
@@ -57,13 +60,14 @@ class InPlaceKVCache:
             new_capacity *= 2
         if self.max_seq_len is not None:
             new_capacity = min(new_capacity, self.max_seq_len)
-        self.k = [self._regrow(buf, new_capacity) for buf in self.k]
-        self.v = [self._regrow(buf, new_capacity) for buf in self.v]
+        k = [self._regrow(buf, new_capacity) for buf in self.k]
+        v = [self._regrow(buf, new_capacity) for buf in self.v]
+        self.k, self.v = k, v
         self.growths += 1
 
     def _regrow(self, buf: torch.Tensor, capacity: int) -> torch.Tensor:
         b, h, _, d = buf.shape
-        new = torch.empty((b, h, capacity, d), dtype=buf.dtype, device=buf.device)
+        new = _buffer((b, h, capacity, d), buf.dtype, buf.device)
         new[:, :, : self.length].copy_(buf[:, :, : self.length])
         return new
 
@@ -95,20 +99,22 @@ class InPlaceKVCache:
         return [k for k, _ in views], [v for _, v in views]
 
     def extend(self, keys: list[torch.Tensor], values: list[torch.Tensor]) -> None:
-        """Appends n positions given per layer as K and V [B, Hkv, n, D], copied in (O(n))."""
+        """Appends n positions given per layer as K and V [B, Hkv, n, D], copied in (O(n)); see set_state."""
+        self.set_state(keys, values, start=self.length)
+
+    def set_state(self, keys: list[torch.Tensor], values: list[torch.Tensor], start: int = 0) -> None:
+        """Replaces the contents from position `start` on (by default all) with K and V [B, Hkv, n, D] per
+        layer: copies n positions, never the spare capacity; the buffers grow (see reserve) if they must. The
+        checks and the growth come first: if they fail, nothing has changed. A copy cut short
+        (KeyboardInterrupt) leaves the first `start` positions."""
         n = self._check_kv(keys, values)
-        start = self.length
+        if not 0 <= start <= self.length:
+            raise ValueError(f"start must be in [0, {self.length}], got {start}")
         self.reserve(start + n)
+        self.truncate(start)
         for layer, (k, v) in enumerate(zip(keys, values)):
             self.write(layer, start, k, v)
         self.advance(n)
-
-    def set_state(self, keys: list[torch.Tensor], values: list[torch.Tensor]) -> None:
-        """Replaces the contents with K and V [B, Hkv, n, D] per layer: copies n positions, never the
-        spare capacity; the buffers grow if n does not fit."""
-        self._check_kv(keys, values)
-        self.length = 0  # nothing stale is copied if the buffers grow
-        self.extend(keys, values)
 
     def _check_kv(self, keys: list[torch.Tensor], values: list[torch.Tensor]) -> int:
         """The n of K/V that fit this cache: one tensor [B, Hkv, n, D] of its dtype per layer."""
@@ -121,6 +127,20 @@ class InPlaceKVCache:
                 raise ValueError(f"K/V must all be {self.k[0].dtype} [{b}, {h}, n, {d}] of one n; "
                                  f"got {t.dtype} {list(t.shape)}")
         return n
+
+
+@torch.inference_mode(False)
+def _buffer(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device | str) -> torch.Tensor:
+    """Never an inference tensor, even allocated inside the forward (which runs in inference mode): undo and
+    unfreeze write to the buffers outside that mode, which refuses in-place writes to inference tensors."""
+    try:
+        return torch.empty(shape, dtype=dtype, device=device)
+    except RuntimeError as e:  # torch's out-of-memory errors (torch.OutOfMemoryError on CUDA)
+        gib = math.prod(shape) * dtype.itemsize / 2**30
+        raise CacheMemoryError(f"the KV cache cannot grow to {shape[2]} positions: a {gib:.2f} GiB buffer does not "
+                               f"fit in memory on {device} ({str(e).splitlines()[0]}); use a smaller max_seq_len "
+                               "or a shorter context") from None
+
 
 class ConcatKVCache(InPlaceKVCache):
     """Concat-grow baseline: every write reallocates the layer's buffer to exactly the new length.

@@ -26,11 +26,16 @@ SAMPLING_FLAGS = {"max_tokens": "max_new_tokens", "temperature": "temperature", 
 NEW_SESSION_DEFAULTS = {"max_new_tokens": 512}
 
 
-def positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
+def int_at_least(low: int):
+    """An argparse type: an int >= low."""
+    def parse(text: str) -> int:
+        value = int(text)
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be >= {low}, got {value}")
+        return value
+
+    parse.__name__ = "int"  # argparse's message for a non-number: "invalid int value: 'abc'"
+    return parse
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -39,10 +44,12 @@ def build_parser() -> argparse.ArgumentParser:
                                     "(default: the saved session's model with --resume, else the embedded "
                                     "SmolLM2-135M-Instruct)")
     p.add_argument("--resume", metavar="PATH", help="continue a session saved with /save")
+    p.add_argument("--convert-dtype", action="store_true",
+                   help="let --resume and /load take a session saved in another dtype, converting its KV cache")
     p.add_argument("--prompt", help="answer this one prompt and exit; '-' reads standard input")
     p.add_argument("--system", help="system prompt")
     g = p.add_argument_group("sampling (with --resume, the saved session's settings unless given)")
-    g.add_argument("--max-tokens", type=positive_int, help="most new tokens per answer (default 512)")
+    g.add_argument("--max-tokens", type=int_at_least(1), help="most new tokens per answer (default 512)")
     g.add_argument("--temperature", type=float, help="0 is greedy (default 0.7)")
     g.add_argument("--top-p", type=float, help="nucleus sampling mass (default 1.0: off)")
     g.add_argument("--top-k", type=int, help="sample among the k likeliest tokens (default 0: off)")
@@ -52,7 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
     r = p.add_argument_group("runtime")
     r.add_argument("--device", default="auto", help="auto, cpu, cuda[:N] or mps")
     r.add_argument("--dtype", default="auto", help="auto, float32, float16 or bfloat16")
-    r.add_argument("--max-seq-len", type=positive_int, help="context length; presets the KV cache (default: the model's)")
+    r.add_argument("--max-seq-len", type=int_at_least(2),
+                   help="context length; presets the KV cache (default: the model's)")
     p.add_argument("--verbose", action="store_true", help="print stats after each answer and the attention backend")
     return p
 
@@ -60,6 +68,17 @@ def build_parser() -> argparse.ArgumentParser:
 def sampling_flags(args) -> dict:
     """The sampling settings given on the command line, as generate() arguments."""
     return {arg: getattr(args, flag) for flag, arg in SAMPLING_FLAGS.items() if getattr(args, flag) is not None}
+
+
+def read_prompt(arg: str | None) -> str | None:
+    """The --prompt text ('-': standard input), or None for the REPL; refuses a blank one, which has
+    nothing to answer."""
+    if arg is None:
+        return None
+    text = sys.stdin.read() if arg == "-" else arg
+    if not text.strip():
+        raise ValueError("the prompt is empty" + (" (nothing on standard input)" if arg == "-" else ""))
+    return text
 
 
 def stats_line(gen) -> str:
@@ -140,7 +159,7 @@ def enable_history():
     return save
 
 
-def run_command(text: str, session):
+def run_command(text: str, session, convert_dtype: bool):
     """Runs a /command; returns the (possibly new) session, or None to quit."""
     command, _, rest = text.partition(" ")
     rest = rest.strip()
@@ -170,15 +189,15 @@ def run_command(text: str, session):
             print(f"[saved {len(session.tokens)} tokens to {path} ({os.path.getsize(path) / (1 << 20):.1f} MiB)]",
                   file=sys.stderr)
         else:
-            session = session.engine.load_session(path)  # raises before anything changes on a bad file
+            session = session.engine.load_session(path, convert_dtype)  # raises before anything changes
             print(f"[loaded {path}: {len(session.tokens)} tokens, {len(session.messages)} messages]",
                   file=sys.stderr)
     else:
-        print(f"unknown command {command}; /help lists them", file=sys.stderr)
+        raise ValueError(f"unknown command {command}; /help lists them")
     return session
 
 
-def repl(session, verbose: bool) -> None:
+def repl(session, args) -> None:
     save_history = enable_history()
     print("Type a message, /help for commands, Ctrl-D to quit.", file=sys.stderr)
     try:
@@ -196,11 +215,13 @@ def repl(session, verbose: bool) -> None:
                 continue
             try:
                 if text.startswith("/"):
-                    session = run_command(text, session)
+                    session = run_command(text, session, args.convert_dtype)
                     if session is None:
                         return
                 else:
-                    stream_answer(session, line, verbose)
+                    stream_answer(session, line, args.verbose)
+            except BrokenPipeError:
+                raise  # stdout's reader has gone: main exits
             except (FachatError, ValueError, OSError) as e:
                 print(f"error: {e}", file=sys.stderr)
     finally:
@@ -216,7 +237,8 @@ def main(argv: list[str] | None = None) -> int:
         from fachat.models.loaders import default_model
 
         flags = sampling_flags(args)
-        SamplingParams(**flags)  # bad flags and (below) a bad --resume file fail before the slow load
+        SamplingParams(**flags)  # bad flags, an empty prompt and a bad --resume file fail before the slow load
+        prompt = read_prompt(args.prompt)
         saved = read_checkpoint_info(args.resume) if args.resume else None
         source = args.model or (saved.model_source if saved else None) or default_model()
         print(f"Loading {source} ...", file=sys.stderr)
@@ -227,7 +249,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.verbose:
             print(f"attention backend: {engine.attention_backend} ({engine.attention_backend_reason})", file=sys.stderr)
         if args.resume:
-            session = engine.load_session(args.resume)
+            session = engine.load_session(args.resume, args.convert_dtype)
             session.configure(**flags)
             if args.system is not None:
                 session.system = args.system
@@ -235,12 +257,17 @@ def main(argv: list[str] | None = None) -> int:
                   file=sys.stderr)
         else:
             session = engine.session(system=args.system, **(NEW_SESSION_DEFAULTS | flags))
-        if args.prompt is None:
-            repl(session, args.verbose)
+        if prompt is None:
+            repl(session, args)
             return 0
-        text = sys.stdin.read() if args.prompt == "-" else args.prompt
-        gen = stream_answer(session, text, args.verbose)
+        gen = stream_answer(session, prompt, args.verbose)
         return 130 if gen is None or gen.finish_reason == "interrupted" else 0
+    except BrokenPipeError:
+        # stdout's reader has gone (`fa-chat ... | head`): exit quietly with 128 + SIGPIPE, the status of a
+        # Unix tool that SIGPIPE killed. stdout goes to devnull so that Python's flush at exit does not fail
+        # again (Python's docs, "Note on SIGPIPE").
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
     except (FachatError, ValueError, OSError) as e:
         print(f"fa-chat: error: {e}", file=sys.stderr)
         return 2

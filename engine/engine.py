@@ -1,8 +1,6 @@
 """Engine: loads a model once, then generates, streams and scores."""
 from __future__ import annotations
 
-import base64
-import dataclasses
 import functools
 import hashlib
 import json
@@ -21,7 +19,11 @@ from fachat.models.loaders import LoadedModel, load_model
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
           "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
           "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
-SAMPLES_PER_TENSOR = 4  # weight values in a model's fingerprint, per tensor
+# The config fields the forward pass reads (with the rope frequencies): what the K/V and logits depend on
+# besides the weights. The rest (dtype, token ids, max_position_embeddings...) changes no math.
+MATH_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+               "num_key_value_heads", "head_dim", "rms_norm_eps", "layer_windows", "qkv_bias", "o_bias", "mlp_bias",
+               "tie_word_embeddings")
 
 
 def resolve_device(device: str | torch.device) -> torch.device:
@@ -65,6 +67,7 @@ class Engine:
         self.tokenizer = loaded.tokenizer
         self.args = loaded.args
         self.source = loaded.source
+        self.weights_sha256 = loaded.weights_sha256
         self.device, self.dtype = device, dtype
         # An explicit max_seq_len presets the cache capacity: no growth, memory known up front.
         self.preset_capacity = max_seq_len is not None
@@ -143,21 +146,15 @@ class Engine:
 
     @functools.cached_property
     def fingerprint(self) -> dict[str, Any]:
-        """What identifies the model that a session's K/V belong to: architecture, a hash of the config, a
-        hash of the weights' names and shapes, and a few weight values per tensor, as base64 float32 (kept,
-        not hashed, so that they can be compared across dtypes). Cheap: no pass over every weight byte."""
-        def sha256(text: str) -> str:
-            return hashlib.sha256(text.encode()).hexdigest()
-
-        params = list(self.model.named_parameters())
-        samples = [p.detach().reshape(-1)[[i * (p.numel() - 1) // (SAMPLES_PER_TENSOR - 1)
-                                           for i in range(SAMPLES_PER_TENSOR)]] for _, p in params]
+        """What identifies the model that a session's K/V belong to: a hash of the config fields the math
+        reads (MATH_FIELDS and the rope frequencies in use) and the hash of every weight value, taken as the
+        weights file was read (the same whatever dtype the engine runs). The architecture and source are
+        there to name the model in messages."""
+        config = {k: getattr(self.args, k) for k in MATH_FIELDS} | {"rope_inv_freq": self.model.inv_freq.tolist()}
         source = os.path.abspath(self.source) if os.path.exists(self.source) else self.source
         return {"architecture": self.args.architecture,
-                "config_sha256": sha256(json.dumps(dataclasses.asdict(self.args), sort_keys=True, default=str)),
-                "weights_sha256": sha256("\n".join(f"{name} {list(p.shape)}" for name, p in params)),
-                "weights_sample": base64.b64encode(torch.cat(samples).float().cpu().numpy().tobytes()).decode(),
-                "source": source}
+                "config_sha256": hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest(),
+                "weights_sha256": self.weights_sha256, "source": source}
 
     def score(self, token_ids) -> torch.Tensor:
         """Teacher-forced logits at every position, float32 [len, vocab]."""

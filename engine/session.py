@@ -141,18 +141,21 @@ class Session:
     def undo(self) -> None:
         """Takes back the last chat turn, the user's message and the answer. The cache is cut back to where
         the turn began and the K/V that the turn overwrote are written back: nothing is recomputed. The
-        sampler's RNG is not rewound, so asking again draws a new answer."""
+        sampler's RNG is not rewound, so asking again draws a new answer. If it fails (out of memory), nothing
+        has changed; a KeyboardInterrupt in the copy leaves the cache cut back and the turn to undo again."""
         self._finish_active()
         if not self._turns:
             raise ValueError("nothing to undo: no chat turn since the session began or was reset")
-        turn = self._turns.pop()
+        turn = self._turns[-1]
         old = self._tokens[:turn.start] + list(turn.tokens)
         if self._cache.length >= turn.start:
-            self._cache.truncate(turn.start)
-            self._tokens = old[:turn.start + 1]
-            self._cache.extend(list(turn.keys), list(turn.values))
+            try:
+                self._cache.set_state(list(turn.keys), list(turn.values), start=turn.start)
+            finally:
+                self._trim()  # after a copy cut short, the cache holds turn.start positions
         self._tokens = old[:self._cache.length + 1]
         self._conversation = self._conversation[:turn.messages]
+        self._turns.pop()
 
     def reset(self) -> None:
         """Clears the conversation and the undo history, keeping the system message (and the K/V of the
@@ -236,7 +239,9 @@ class Session:
 
     def save(self, path: str | os.PathLike) -> None:
         """Writes the session to one safetensors file, atomically: the live K/V, the tokens, messages, undo
-        history, sampling arguments and RNG state (see fachat.cache.checkpoint)."""
+        history, sampling arguments and RNG state (see fachat.cache.checkpoint). A new file's mode follows the
+        umask; a file saved over keeps its mode. Raises OSError (FileNotFoundError, PermissionError,
+        IsADirectoryError...) naming path if the file cannot be written; an older file there stays whole."""
         self._finish_active()
         keys, values = self._cache.state
         layers = range(len(keys))  # the turns' K/V tails, one after another (none: zero positions)
@@ -349,14 +354,20 @@ class Session:
                         self._params, self._generator.get_state(), tuple(keys), tuple(values), self.last_generation)
 
     def _restore(self, snapshot: Snapshot) -> None:
-        self._tokens = []  # consistent with the emptied cache should the copy be interrupted
-        self._cache.set_state(list(snapshot.keys), list(snapshot.values))
+        """Puts the snapshot's state in place. What can fail (the RNG state, the cache's checks and growth) runs
+        before anything changes; a KeyboardInterrupt in the copy leaves the cache empty and the rest as it was."""
+        generator = torch.Generator(self.engine.device)
+        generator.set_state(snapshot.rng_state)
+        try:
+            self._cache.set_state(list(snapshot.keys), list(snapshot.values))
+        finally:
+            self._trim()  # after a copy cut short, the cache is empty
         self._tokens = list(snapshot.tokens)
         self._system = snapshot.system
         self._conversation = [{"role": r, "content": c} for r, c in snapshot.conversation]
         self._turns = list(snapshot.turns)
         self._params = snapshot.params
-        self._generator.set_state(snapshot.rng_state)
+        self._generator = generator
         self.last_generation = snapshot.last_generation
 
 
@@ -390,20 +401,18 @@ def _decode_rng(rng: dict) -> torch.Tensor | None:
 
 def _check_compatible(engine: Engine, info: CheckpointInfo, convert_dtype: bool) -> None:
     """Raises CheckpointError unless the checkpoint fits this engine: model, dtype, shapes, vocabulary,
-    context length, sampling arguments and RNG."""
+    context length, sampling arguments, RNG, and tokens that hold what the chat template makes of the messages."""
     def bad(problem: str):
         raise CheckpointError(f"{info.path}: {problem}")
 
     meta, ours, a = info.meta, engine.fingerprint, engine.args
     saved = meta["model"]
-    same_dtype = meta["dtype"] == dtype_name(engine.dtype)
-    if (any(saved.get(k) != ours[k] for k in ("architecture", "config_sha256", "weights_sha256"))
-            or not _same_weights(saved.get("weights_sample"), ours["weights_sample"], exact=same_dtype)):
+    if any(saved.get(k) != ours[k] for k in ("config_sha256", "weights_sha256")):
         bad(f"it was saved with another model ({saved.get('architecture')} from {saved.get('source')}); "
             f"this engine runs {ours['architecture']} from {ours['source']}")
-    if not same_dtype and not convert_dtype:
+    if meta["dtype"] != dtype_name(engine.dtype) and not convert_dtype:
         bad(f"its K/V are {meta['dtype']} but the engine runs {dtype_name(engine.dtype)}; "
-            "load it with convert_dtype=True to convert them")
+            "load it with convert_dtype=True (fa-chat: --convert-dtype) to convert them")
     if meta["layers"] != a.num_hidden_layers or info.kv_shape != (1, a.num_key_value_heads, a.head_dim):
         bad(f"its K/V are {meta['layers']} layers of [B, Hkv, D] = {list(info.kv_shape)}; the model has "
             f"{a.num_hidden_layers} layers of [1, {a.num_key_value_heads}, {a.head_dim}]")
@@ -421,21 +430,39 @@ def _check_compatible(engine: Engine, info: CheckpointInfo, convert_dtype: bool)
     if rng.get("device") != engine.device.type:
         bad(f"its sampler RNG state is for a {rng.get('device')!r} generator; this engine runs on "
             f"{engine.device.type}, whose generator cannot take it")
-    state = _decode_rng(rng)
-    if state is None or state.numel() != torch.Generator(engine.device).get_state().numel():
-        bad("its sampler RNG state is malformed")
+    try:  # on a scratch generator: setting a state is the one full check of it
+        torch.Generator(engine.device).set_state(_decode_rng(rng))
+    except (TypeError, ValueError, RuntimeError) as e:
+        bad(f"its sampler RNG state is malformed: {e}")
+    _check_rendering(engine, meta, bad)
 
 
-def _same_weights(saved, ours: str, exact: bool) -> bool:
-    """Sampled weight values (base64 float32): equal in the same dtype; across dtypes, equal up to bfloat16
-    rounding."""
-    if saved == ours:
-        return True
-    if exact or not isinstance(saved, str) or len(saved) != len(ours):
-        return False
+def _check_rendering(engine: Engine, meta: dict, bad) -> None:
+    """The tokens begin with the chat template's rendering of the messages before the last answer, as the
+    last chat turn made them: all of it once the answer began, else up to the turn's first uncached token at
+    least (a prefill cut short, raw text appended after it). Only the system prompt may differ: a new one takes
+    effect at the next chat turn, so the tokens may hold an older one, or none."""
+    messages = meta["messages"]
+    system = messages[0]["content"] if messages and messages[0]["role"] == "system" else None
+    conversation = messages[1:] if system is not None else messages
+    if not conversation or not engine.tokenizer.chat_template:
+        return  # no chat turn (raw text, or reset): nothing rendered to compare with
+
+    def render(system: str | None) -> list[int]:
+        head = [] if system is None else [{"role": "system", "content": system}]
+        return engine.tokenizer.apply_chat_template(head + conversation[:-1], add_generation_prompt=True)
+
     try:
-        x, y = (torch.frombuffer(bytearray(base64.b64decode(s, validate=True)), dtype=torch.float32)
-                for s in (saved, ours))
+        prompt = render(system)
+        kept = len(prompt) if conversation[-1]["content"] else meta["turns"][-1]["start"] + 1
+        tokens = meta["tokens"][:kept]
+        differ = _common_prefix(tokens, prompt)
+        if differ == min(len(tokens), len(prompt)):
+            return
+        other = render((system or "") + ".")
     except ValueError:
-        return False
-    return bool(((x - y).abs() <= 2 ** -7 * torch.maximum(x.abs(), y.abs()) + 1e-6).all())
+        return  # a template that rejects these messages: the session could not chat on either, nothing to check
+    # The system prompt's part of the rendering: what another system prompt changes, seen from either end.
+    if differ > max(_common_prefix(prompt, other), len(prompt) - _common_prefix(prompt[::-1], other[::-1])):
+        bad(f"its tokens differ from the chat template's rendering of its messages at token {differ}, "
+            "after the system prompt: the messages or the tokens were edited")

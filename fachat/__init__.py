@@ -13,7 +13,7 @@ from fachat.engine.engine import Engine  # noqa: E402
 from fachat.engine.generate import Generation, GenerationStats  # noqa: E402
 from fachat.engine.sampling import SamplingParams  # noqa: E402
 from fachat.engine.session import Session, Snapshot  # noqa: E402
-from fachat.errors import (CheckpointError, ContextLengthError, CorruptModelError, FachatError,  # noqa: E402
+from fachat.errors import (CacheMemoryError, CheckpointError, ContextLengthError, CorruptModelError, FachatError,  # noqa: E402
                            ModelLoadError, ModelNotFoundError, UnsupportedModelError)
 from fachat.kernels.dispatch import decode_attention, prefill_attention  # noqa: E402
 
@@ -22,5 +22,5 @@ __all__ = [
     "Engine", "Session", "Snapshot", "Generation", "GenerationStats", "SamplingParams", "InPlaceKVCache",
     "decode_attention", "prefill_attention",
     "FachatError", "ModelLoadError", "ModelNotFoundError", "UnsupportedModelError", "CorruptModelError",
-    "ContextLengthError", "CheckpointError",
+    "ContextLengthError", "CacheMemoryError", "CheckpointError",
 ]

@@ -25,6 +25,10 @@ class ContextLengthError(FachatError, ValueError):
     """A prompt (or prompt plus generation) that does not fit in max_seq_len."""
 
 
+class CacheMemoryError(FachatError, MemoryError):
+    """The KV cache cannot be allocated: max_seq_len (preset) or the context needs more memory than the device has."""
+
+
 class CheckpointError(FachatError):
     """A session checkpoint that cannot be loaded: missing, truncated, corrupt, of another model or
     format version, or inconsistent; the message names the file and the problem."""

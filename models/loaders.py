@@ -1,13 +1,16 @@
 """Where a model comes from (local folder, hub id, .gguf file) and how its weights reach the model."""
 from __future__ import annotations
 
+import hashlib
 import importlib.util
+import json
 import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
+import numpy as np
 import torch
 
 from fachat.errors import CorruptModelError, ModelLoadError, ModelNotFoundError
@@ -42,6 +45,23 @@ class LoadedModel:
     tokenizer: Tokenizer
     args: ModelArgs
     source: str
+    weights_sha256: str  # WeightsHash of the weights file(s)
+
+
+class WeightsHash:
+    """sha256 of every tensor of the weights as stored in the file (name, shape, dtype, bytes), taken while
+    the loader reads each one: no second pass, and before any conversion, so one file has one identity
+    whatever dtype the engine runs. Where the file is does not count."""
+
+    def __init__(self):
+        self._sha = hashlib.sha256()
+
+    def add(self, name: str, shape, dtype: str, data: np.ndarray) -> None:
+        self._sha.update(json.dumps([name, list(shape), dtype, data.nbytes]).encode())
+        self._sha.update(data)
+
+    def hexdigest(self) -> str:
+        return self._sha.hexdigest()
 
 
 def load_model(source: str | os.PathLike | None, device: torch.device, dtype: torch.dtype) -> LoadedModel:
@@ -85,8 +105,9 @@ def _load_dir(path: Path, device, dtype, source: str) -> LoadedModel:
     generation = read_json(path / "generation_config.json")
     args.eos_token_ids = _merge_ids(generation.get("eos_token_id"), args.eos_token_ids)
     tokenizer = Tokenizer.from_dir(path, args.eos_token_ids)
-    model = build_model(args, _iter_safetensors(path), device, dtype, source)
-    return LoadedModel(model, tokenizer, args, source)
+    weights = WeightsHash()
+    model = build_model(args, _iter_safetensors(path, weights), device, dtype, source)
+    return LoadedModel(model, tokenizer, args, source, weights.hexdigest())
 
 
 def _load_gguf(path: Path, device, dtype) -> LoadedModel:
@@ -96,8 +117,9 @@ def _load_gguf(path: Path, device, dtype) -> LoadedModel:
     args = ModelArgs.from_dict(contents.config)
     args.eos_token_ids = _merge_ids(contents.generation_config.get("eos_token_id"), args.eos_token_ids)
     tokenizer = Tokenizer.from_gguf(contents, args.eos_token_ids)
-    model = build_model(args, iter_gguf_tensors(path, contents.config), device, dtype, str(path))
-    return LoadedModel(model, tokenizer, args, str(path))
+    weights = WeightsHash()  # of the quantized blocks: a few times fewer bytes than the float32 they become
+    model = build_model(args, iter_gguf_tensors(path, contents.config, weights.add), device, dtype, str(path))
+    return LoadedModel(model, tokenizer, args, str(path), weights.hexdigest())
 
 
 def _merge_ids(*values) -> list[int]:
@@ -109,8 +131,9 @@ def _merge_ids(*values) -> list[int]:
     return ids
 
 
-def _iter_safetensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
-    """Tensors from model.safetensors, or from the shards listed in model.safetensors.index.json."""
+def _iter_safetensors(path: Path, weights: WeightsHash) -> Iterator[tuple[str, torch.Tensor]]:
+    """Tensors from model.safetensors, or from the shards listed in model.safetensors.index.json, each added
+    to weights as read."""
     from safetensors import SafetensorError, safe_open
 
     index = path / "model.safetensors.index.json"
@@ -130,7 +153,9 @@ def _iter_safetensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
         try:
             with safe_open(str(file), framework="pt") as f:
                 for key in f.keys():
-                    yield key, f.get_tensor(key)
+                    tensor = f.get_tensor(key)
+                    weights.add(key, tensor.shape, str(tensor.dtype), tensor.reshape(-1).view(torch.uint8).numpy())
+                    yield key, tensor
         except (SafetensorError, OSError) as e:
             raise CorruptModelError(f"{file} is not a valid safetensors file: {e}") from None
 

@@ -283,3 +283,93 @@ def test_extend_rejects_mismatched_kv(bad, gen):
         with pytest.raises(ValueError, match="layers|K/V"):
             call(k, v)
         assert cache.length == 2  # nothing changed
+
+
+def test_buffers_grown_in_inference_mode_take_writes_outside_it(llama_engine, gen, seed):
+    """The forward runs in inference mode and grows the cache there: its buffers must still take the in-place
+    writes of undo and unfreeze, outside that mode. So must those of a cache made or grown in it."""
+    eng, a = llama_engine, llama_engine.args
+    cache = InPlaceKVCache(a.num_hidden_layers, a.num_key_value_heads, a.head_dim, dtype=eng.dtype, capacity=2)
+    eng.model(random_ids(gen, 5, a.vocab_size), cache)
+    with torch.inference_mode():
+        made = InPlaceKVCache(a.num_hidden_layers, a.num_key_value_heads, a.head_dim, dtype=eng.dtype, capacity=2)
+        made.reserve(3)
+    assert (cache.growths, made.growths) == (1, 1)
+    assert not any(t.is_inference() for t in cache.k + cache.v + made.k + made.v)
+    keys, values = ([t.clone() for t in ts] for ts in cache.state)
+    cache.truncate(2)
+    cache.extend([k[:, :, 2:] for k in keys], [v[:, :, 2:] for v in values])
+    made.set_state(keys, values)
+    for c in (cache, made):
+        assert all(torch.equal(x, y) for x, y in zip(c.state[0] + c.state[1], keys + values))
+
+
+@pytest.mark.parametrize("call", ["extend", "set_state", "set_state from a position"])
+def test_failed_growth_changes_nothing_and_an_interrupted_copy_keeps_the_prefix(call, gen, seed, monkeypatch):
+    """extend and set_state check and grow before they change anything: an allocation that fails after any number
+    of buffers leaves the cache as it was. A KeyboardInterrupt in the copy leaves the positions before the ones
+    being replaced."""
+    L, B, H, D = 3, 1, 2, 4
+    cache = InPlaceKVCache(L, H, D, dtype=torch.float32, capacity=8)
+    old = fill(cache, 6, gen, L, (B, H, D))
+    start = {"extend": 6, "set_state": 0}.get(call, int(torch.randint(1, 6, (1,), generator=gen)))
+    n = int(torch.randint(9 - start, 30, (1,), generator=gen))  # past the capacity: it grows
+    keys = [torch.randn(B, H, n, D, generator=gen) for _ in range(L)]
+    values = [torch.randn(B, H, n, D, generator=gen) for _ in range(L)]
+
+    def run():
+        if call == "extend":
+            cache.extend(keys, values)
+        else:
+            cache.set_state(keys, values, **({"start": start} if start else {}))
+
+    buffers = cache.k + cache.v
+    real_regrow, real_write = InPlaceKVCache._regrow, InPlaceKVCache.write
+    for fail_after in range(2 * L):
+        regrown = []
+
+        def failing_regrow(self, *args):
+            regrown.append(args)
+            if len(regrown) > fail_after:
+                raise MemoryError("injected")
+            return real_regrow(self, *args)
+
+        with monkeypatch.context() as patch, pytest.raises(MemoryError):
+            patch.setattr(InPlaceKVCache, "_regrow", failing_regrow)
+            run()
+        label = f"{call} failing after {fail_after} buffers; seed={seed}"
+        assert (cache.length, cache.capacity, cache.growths) == (6, 8, 0), label
+        assert all(x is y for x, y in zip(cache.k + cache.v, buffers)), label
+        assert all(torch.equal(cache.views(i)[0], k) and torch.equal(cache.views(i)[1], v)
+                   for i, (k, v) in enumerate(old)), label
+    at = int(torch.randint(1, L + 1, (1,), generator=gen))
+    writes = []
+
+    def interrupted_write(self, *args):
+        writes.append(args)
+        if len(writes) == at:
+            raise KeyboardInterrupt
+        return real_write(self, *args)
+
+    with monkeypatch.context() as patch, pytest.raises(KeyboardInterrupt):
+        patch.setattr(InPlaceKVCache, "write", interrupted_write)
+        run()
+    assert cache.length == start and cache.growths == 1, f"{call} interrupted at layer {at - 1}; seed={seed}"
+    run()
+    assert cache.length == start + n
+    for i, (k, v) in enumerate(old):
+        assert torch.equal(cache.views(i)[0], torch.cat([k[:, :, :start], keys[i]], dim=2))
+        assert torch.equal(cache.views(i)[1], torch.cat([v[:, :, :start], values[i]], dim=2))
+
+
+def test_a_cache_larger_than_memory_is_a_clean_error_that_changes_nothing():
+    """A preset capacity, or a growth, past what memory holds raises CacheMemoryError naming the positions."""
+    with pytest.raises(fachat.CacheMemoryError, match=f"{2**40} positions"):
+        InPlaceKVCache(1, 1, 64, dtype=torch.float32, capacity=2**40)
+    cache = InPlaceKVCache(1, 1, 64, dtype=torch.float32, capacity=4)
+    kv = [torch.randn(1, 1, 3, 64)]
+    cache.extend(kv, kv)
+    with pytest.raises(fachat.CacheMemoryError, match="max_seq_len"):
+        cache.reserve(2**40)
+    assert (cache.length, cache.capacity, cache.growths) == (3, 4, 0)
+    assert torch.equal(cache.views(0)[0], kv[0])

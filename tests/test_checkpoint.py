@@ -1,11 +1,14 @@
-"""Session checkpoints: what the file holds, exact resume in a new process, atomic saves, and a clean
-CheckpointError for every corrupt, truncated, foreign or hand-edited file."""
+"""Session checkpoints: what the file holds, exact resume in a new process, atomic saves (temp files, modes,
+errors), and a clean CheckpointError for every corrupt, truncated, foreign or hand-edited file."""
 from __future__ import annotations
 
 import base64
+import importlib.util
 import json
 import math
 import os
+import shutil
+import signal
 import subprocess
 import sys
 import zlib
@@ -14,12 +17,14 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 
 import fachat
 from fachat.cache import checkpoint
 from fachat.errors import CheckpointError
 from conftest import derive_seed
-from test_session import MODES, Logits, assert_cache_holds, assert_exact, randint, random_prompt, words
+from test_session import (MODES, InterruptAt, Logits, assert_cache_holds, assert_exact, randint, random_prompt,
+                          words)
 from tiny import make_tiny_model
 
 
@@ -75,8 +80,9 @@ def test_file_holds_the_live_kv_and_a_small_header(eng, gen, seed, tmp_path):
     header_len = int.from_bytes(path.read_bytes()[:8], "little")
     assert os.path.getsize(path) == 8 + header_len + cache.live_nbytes + undo_bytes, "more than the live K/V"
     assert cache.capacity > cache.length and header_len < 32 << 10
-    assert (meta["format"], meta["version"], meta["length"], meta["dtype"]) == ("fa-chat session", 1, cache.length,
-                                                                                 "float32")
+    assert (meta["format"], meta["version"], meta["length"], meta["dtype"]) == (
+        "fa-chat session", checkpoint.VERSION, cache.length, "float32")
+    assert set(meta["model"]) == {"architecture", "config_sha256", "weights_sha256", "source"}
     assert meta["tokens"] == session.tokens and meta["messages"] == session.messages
     assert meta["sampling"] == {"temperature": 1.0, "top_k": 0, "top_p": 1.0, "min_p": 0.0, "repetition_penalty": 1.0,
                                 "seed": seed, "max_new_tokens": 6, "stop": []}
@@ -207,22 +213,101 @@ def test_a_save_that_fails_midway_leaves_the_old_file(eng, gen, seed, tmp_path, 
     old = path.read_bytes()
     session.chat(words(gen))
 
-    def failing_save_file(tensors, filename, metadata=None):
-        with open(filename, "wb") as f:
-            f.write(old[: randint(gen, 1, len(old) - 1)])  # part of a file, then the failure
+    def failing_write(f, tensors, metadata):
+        f.write(old[: randint(gen, 1, len(old) - 1)])  # part of a file, then the failure
         raise failure
 
-    monkeypatch.setattr(checkpoint, "save_file", failing_save_file)
-    with pytest.raises(type(failure)):
+    monkeypatch.setattr(checkpoint, "_write_safetensors", failing_write)
+    with pytest.raises(type(failure)) as info:
         session.save(path)
+    assert isinstance(failure, KeyboardInterrupt) or str(path) in str(info.value)
     assert path.read_bytes() == old
     assert sorted(os.listdir(tmp_path)) == ["chat.safetensors"], "a temp file was left behind"
     monkeypatch.undo()
-    with pytest.raises(FileNotFoundError):
-        session.save(tmp_path / "no-such-folder" / "x.safetensors")
     session.save(path)  # and a save that succeeds replaces it
     assert eng.load_session(path).tokens == session.tokens
     assert sorted(os.listdir(tmp_path)) == ["chat.safetensors"]
+
+
+KILLED_SAVE = r"""
+import os, signal, sys
+import torch
+from fachat.cache import checkpoint
+
+os.fsync = lambda fd: os.kill(os.getpid(), signal.SIGKILL)  # killed with the temp file written, before the rename
+kv = [torch.ones(1, 2, 3, 4)]
+checkpoint.save_checkpoint(sys.argv[1], kv, kv, kv, kv, {"tokens": [1, 2, 3]})
+"""
+
+
+def test_the_next_save_removes_the_temp_files_of_killed_writers(eng, gen, seed, tmp_path):
+    session = chatted(eng, gen, seed)
+    path = tmp_path / "chat.safetensors"
+    session.save(path)
+    old = path.read_bytes()
+    done = subprocess.run([sys.executable, "-c", KILLED_SAVE, str(path)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == -signal.SIGKILL, done.stderr
+    assert path.read_bytes() == old
+    left = set(os.listdir(tmp_path)) - {path.name}
+    assert len(left) == 1, left
+    dead = left.pop()
+    assert dead.startswith(f".{path.name}.") and "fa-chat-tmp" in dead, f"whose is {dead}?"
+    # a save in progress in a live process, another file's leftover and a file of the user's all stay
+    live = f".{path.name}.{os.getpid()}-0123abcd.fa-chat-tmp"
+    others = [live, dead.replace(path.name, "other.safetensors"), f".{path.name}.notes"]
+    for name in others:
+        (tmp_path / name).write_bytes(b"x")
+    session.save(path)
+    assert sorted(os.listdir(tmp_path)) == sorted([path.name] + others)
+    assert eng.load_session(path).tokens == session.tokens
+
+
+def test_new_files_follow_the_umask_and_a_saved_over_file_keeps_its_mode(eng, gen, seed, tmp_path):
+    session = chatted(eng, gen, seed, turns=1)
+    old = os.umask(0o027)
+    try:
+        session.save(tmp_path / "new.safetensors")
+    finally:
+        os.umask(old)
+    assert stat_mode(tmp_path / "new.safetensors") == 0o640
+    for mode in (0o644, 0o600, 0o664):
+        path = tmp_path / f"{mode:o}.safetensors"
+        path.write_bytes(b"an older file")
+        path.chmod(mode)
+        session.save(path)
+        assert stat_mode(path) == mode
+        assert eng.load_session(path).tokens == session.tokens
+
+
+def stat_mode(path):
+    return os.stat(path).st_mode & 0o7777
+
+
+def test_save_errors_name_the_path_given(eng, gen, seed, tmp_path, monkeypatch):
+    session = chatted(eng, gen, seed, turns=1)
+    (tmp_path / "a-file").write_text("")
+    (tmp_path / "a-folder").mkdir()
+    read_only = tmp_path / "read-only"
+    read_only.mkdir(mode=0o555)
+    cases = [(tmp_path / "no-such-folder" / "x.safetensors", FileNotFoundError),
+             (tmp_path / "a-folder", IsADirectoryError),
+             (tmp_path / "a-file" / "x.safetensors", NotADirectoryError)]
+    if not os.access(read_only, os.W_OK):  # root writes anywhere
+        cases.append((read_only / "x.safetensors", PermissionError))
+    for path, error in cases:
+        with pytest.raises(error) as info:
+            session.save(path)
+        assert str(path) in str(info.value) and f"/.{path.name}." not in str(info.value), str(info.value)
+
+    def full(fd):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", full)
+    path = tmp_path / "full.safetensors"
+    with pytest.raises(OSError, match="No space left on device") as info:
+        session.save(path)
+    assert str(path) in str(info.value) and f"/.{path.name}." not in str(info.value), str(info.value)
+    assert sorted(os.listdir(tmp_path)) == ["a-file", "a-folder", "read-only"]
 
 
 # ---------------------------------------------------------------- bad files
@@ -277,7 +362,7 @@ def flipped_data(good, bad, eng, tmp_path, gen):
 
 
 def other_weights(good, bad, eng, tmp_path, gen):
-    """The same architecture and config, other weights: only the sampled weight values tell them apart."""
+    """The same architecture and config, other weights: only the weights' hash tells them apart."""
     other_variant(good, bad, eng, tmp_path, gen, variant="llama")
 
 
@@ -296,6 +381,23 @@ def one_token_changed(meta, eng):
     meta["tokens"][-1] = (meta["tokens"][-1] + 1) % eng.args.vocab_size
 
 
+def prompt_token_changed(meta, eng):
+    """A token of the last turn's prompt (the answer after it is 5 tokens at most)."""
+    i = len(meta["tokens"]) - 8
+    meta["tokens"][i] = (meta["tokens"][i] + 1) % eng.args.vocab_size
+
+
+def invalid_rng_state(meta, eng):
+    """The right size for a CPU generator's state, but not a state mt19937 can be in."""
+    size = torch.Generator().get_state().numel()
+    meta["rng"]["state"] = base64.b64encode(bytes(size)).decode()
+
+
+def swap_roles(meta, eng):
+    m = meta["messages"]
+    m[1]["role"], m[2]["role"] = m[2]["role"], m[1]["role"]
+
+
 DAMAGES = {
     "missing": (None, "no such file"),
     "empty": (lambda good, bad, *_: bad.write_bytes(b""), "not a valid safetensors"),
@@ -311,7 +413,7 @@ DAMAGES = {
     "not-json": (edited(lambda m, e: None, text="{'tokens': [1, 2"), "not valid JSON"),
     "json-not-object": (edited(lambda m, e: None, text="[1, 2, 3]"), "not a fa-chat session"),
     "other-format": (edited(set_("format", "something else")), "not a fa-chat session"),
-    "future-version": (edited(set_("version", 2)), "unknown format version 2"),
+    "future-version": (edited(set_("version", checkpoint.VERSION + 1)), f"unknown format version {checkpoint.VERSION + 1}"),
     "missing-key": (edited(lambda m, e: m.pop("tokens")), "lacks 'tokens'"),
     "wrong-type": (edited(set_("length", "12")), "'length' must be an int"),
     "tokens-vs-length": (edited(set_("tokens", lambda m, e: m["tokens"][:-2])), "do not match the cache length"),
@@ -326,10 +428,22 @@ DAMAGES = {
     "bad-sampling": (edited(lambda m, e: m["sampling"].update(temperature=-1)), "temperature"),
     "unknown-sampling": (edited(lambda m, e: m["sampling"].update(temp=1)), "sampling arguments"),
     "bad-rng": (edited(lambda m, e: m["rng"].update(state="bm90IGEgc3RhdGU=")), "RNG state is malformed"),
+    "invalid-rng-state": (edited(invalid_rng_state), "RNG state is malformed"),
     "rng-other-device": (edited(lambda m, e: m["rng"].update(device="cuda")), "'cuda' generator"),
     "undo-vs-tensors": (edited(lambda m, e: m["turns"][-1].update(kv=m["turns"][-1]["kv"] + 1)), "undo"),
     "bad-turn": (edited(lambda m, e: m["turns"].append({"messages": 99, "start": 0, "tokens": [], "kv": 0})),
                  "turns[3]"),
+    "directory": (lambda good, bad, *_: bad.mkdir(), "is a directory"),
+    "roles-not-alternating": (edited(swap_roles), "alternate"),
+    "two-system-messages": (edited(lambda m, e: m["messages"][3].update(role="system")), "alternate"),
+    "messages-vs-turns": (edited(lambda m, e: m.update(messages=m["messages"][:-2])), "do not make 3 turns"),
+    "turn-messages": (edited(lambda m, e: m["turns"][1].update(messages=1)), "turns[1] begins at message 1"),
+    "turn-past-tokens": (edited(lambda m, e: m["turns"][0].update(start=len(m["tokens"]))), "turns[0] starts at token"),
+    "edited-question": (edited(lambda m, e: m["messages"][3].update(content="Something else.")),
+                        "differ from the chat template's rendering"),
+    "edited-answer": (edited(lambda m, e: m["messages"][2].update(content="Something else.")),
+                      "differ from the chat template's rendering"),
+    "edited-prompt-token": (edited(prompt_token_changed), "differ from the chat template's rendering"),
 }
 
 
@@ -387,31 +501,120 @@ def test_other_dtype_needs_convert_dtype(tiny_llama, gen, seed, tmp_path):
         f32.load_session(back)
 
 
-def scaled_sample(factor):
-    """Scales the largest of the model's sampled weight values by factor."""
-    def edit(meta, eng):
-        x = torch.frombuffer(bytearray(base64.b64decode(meta["model"]["weights_sample"])), dtype=torch.float32)
-        x[x.abs().argmax()] *= factor
-        meta["model"]["weights_sample"] = base64.b64encode(x.numpy().tobytes()).decode()
-    return edit
+# ---------------------------------------------------------------- which model
 
 
-def test_weight_samples_match_exactly_in_one_dtype_and_to_rounding_across(tiny_llama, gen, seed, tmp_path):
-    f32 = fachat.Engine.load(tiny_llama[0], device="cpu", dtype="float32")
-    bf16 = fachat.Engine.load(tiny_llama[0], device="cpu", dtype="bfloat16")
-    session = f32.session(max_new_tokens=3, temperature=0)
+def chat_saved(engine, gen, path):
+    session = engine.session(max_new_tokens=3, temperature=0)
     session.chat(words(gen))
-    good = tmp_path / "good.safetensors"
-    session.save(good)
-    for factor, f32_loads, bf16_loads in ((1 + 1e-6, False, True), (1.05, False, False)):
-        path = tmp_path / f"scaled-{factor}.safetensors"
-        edited(scaled_sample(factor))(good, path, f32, tmp_path, gen)
-        for engine, loads in ((f32, f32_loads), (bf16, bf16_loads)):
-            if loads:
-                assert engine.load_session(path, convert_dtype=True).tokens == session.tokens
-            else:
-                with pytest.raises(CheckpointError, match="another model"):
-                    engine.load_session(path, convert_dtype=True)
+    session.save(path)
+    return session
+
+
+def test_every_weight_value_identifies_the_model(tiny_llama, gen, seed, tmp_path):
+    """One value changed anywhere is another model; the same file elsewhere, or run in another dtype, is not."""
+    f32 = fachat.Engine.load(tiny_llama[0], device="cpu", dtype="float32")
+    path = tmp_path / "s.safetensors"
+    session = chat_saved(f32, gen, path)
+    copy = shutil.copytree(tiny_llama[0], tmp_path / "copy")
+    assert fachat.Engine.load(copy, device="cpu", dtype="float32").load_session(path).tokens == session.tokens
+    bf16 = fachat.Engine.load(copy, device="cpu", dtype="bfloat16")
+    assert bf16.fingerprint["weights_sha256"] == f32.fingerprint["weights_sha256"]
+    assert bf16.load_session(path, convert_dtype=True).tokens == session.tokens
+    weights = load_file(copy / "model.safetensors")
+    name = sorted(weights)[randint(gen, 0, len(weights) - 1)]
+    flat = weights[name].view(-1)
+    i = randint(gen, 0, flat.numel() - 1)
+    flat[i] = -flat[i] if flat[i] != 0 else 1.0
+    save_file(weights, copy / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match="another model"):
+        fachat.Engine.load(copy, device="cpu", dtype="float32").load_session(path)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("gguf") is None, reason="gguf (gguf-py) is not installed")
+def test_every_gguf_weight_identifies_the_model(gen, seed, tmp_path):
+    """The same for a GGUF file, whose weights are hashed as stored (quantized blocks included)."""
+    import numpy as np
+    from fachat.models.gguf import _Header
+    from test_gguf import write_small
+
+    model = tmp_path / "m.gguf"
+    write_small(model, np.random.default_rng(seed), types={"model.layers.0.mlp.up_proj.weight": "Q8_0"})
+    path = tmp_path / "s.safetensors"
+    session = fachat.Engine.load(model, device="cpu").session(max_new_tokens=3, temperature=0)
+    session.append(list(range(5, 12)))
+    session.generate()
+    session.save(path)
+    elsewhere = shutil.copy(model, tmp_path / "elsewhere.gguf")
+    assert fachat.Engine.load(elsewhere, device="cpu").load_session(path).tokens == session.tokens
+    tensors = _Header(model).tensors
+    t = tensors[randint(gen, 0, len(tensors) - 1)]
+    raw = bytearray(model.read_bytes())
+    raw[t.offset + randint(gen, 0, t.nbytes - 1)] ^= 1 << randint(gen, 0, 7)
+    changed = tmp_path / "changed.gguf"
+    changed.write_bytes(raw)
+    with pytest.raises(CheckpointError, match="another model"):
+        fachat.Engine.load(changed, device="cpu").load_session(path)
+
+
+@pytest.mark.parametrize("edit,loads", [
+    ({"torch_dtype": "bfloat16"}, True), ({"max_position_embeddings": 1024}, True), ({"bos_token_id": 3}, True),
+    ({"use_cache": False, "some_new_field": [1, 2]}, True), ({"rms_norm_eps": 1e-6}, False),
+    ({"rope_parameters": {"rope_type": "default", "rope_theta": 20000.0}}, False),
+    ({"rope_parameters": {"rope_type": "linear", "rope_theta": 10000.0, "factor": 2.0}}, False)])
+def test_config_fields_that_change_no_math_keep_checkpoints_valid(tiny_llama, gen, seed, tmp_path, edit, loads):
+    path = tmp_path / "s.safetensors"
+    session = chat_saved(fachat.Engine.load(tiny_llama[0], device="cpu", dtype="float32"), gen, path)
+    copy = shutil.copytree(tiny_llama[0], tmp_path / "copy")
+    config = json.loads((copy / "config.json").read_text()) | edit
+    (copy / "config.json").write_text(json.dumps(config))
+    engine = fachat.Engine.load(copy, device="cpu", dtype="float32")
+    if loads:
+        assert engine.load_session(path).tokens == session.tokens
+    else:
+        with pytest.raises(CheckpointError, match="another model"):
+            engine.load_session(path)
+
+
+# ---------------------------------------------------------------- valid sessions stay valid
+
+
+def test_every_state_a_session_reaches_saves_and_loads(eng, gen, seed, tmp_path):
+    """A random walk over what a session does (chat, interrupted or closed answers, system prompt changes,
+    undo, reset, raw text): every state saves and loads as it is, so the load checks refuse no valid file."""
+    session = eng.session(max_new_tokens=4, temperature=1.0, seed=seed)
+    path = tmp_path / "s.safetensors"
+
+    def interrupted_chat():
+        site = eng.model.model.layers[randint(gen, 0, 1)]
+        with InterruptAt(eng.model, site, randint(gen, 1, 3)), pytest.raises(KeyboardInterrupt):
+            session.chat(words(gen))
+
+    def closed_chat():
+        stream = session.stream_chat(words(gen))
+        next(stream, None)
+        stream.close()
+
+    def raw():
+        session.append(" " + words(gen, 3))
+        session.generate(max_new_tokens=randint(gen, 1, 3))
+
+    steps = {"chat": lambda: session.chat(words(gen)), "interrupted": interrupted_chat, "closed": closed_chat,
+             "system": lambda: setattr(session, "system", words(gen, 2)),
+             "no system": lambda: setattr(session, "system", None),
+             "undo": lambda: session.undo() if any(m["role"] == "assistant" for m in session.messages) else None,
+             "reset": session.reset, "raw": raw}
+    names, done = sorted(steps), []
+    for _ in range(24):
+        name = names[randint(gen, 0, len(names) - 1)]
+        if len(session.tokens) > 400:
+            name = "reset"
+        steps[name]()
+        done.append(name)
+        session.save(path)
+        loaded = eng.load_session(path)
+        label = f"after {done}; seed={seed}"
+        assert (loaded.tokens, loaded.messages) == (session.tokens, session.messages), label
 
 
 def test_context_longer_than_the_engine_allows(tiny_llama, gen, seed, tmp_path):

@@ -1,7 +1,12 @@
 """Sessions on the tiny llama: chat turns that prefill only what is new, templates that are not
 append-only, KeyboardInterrupt anywhere (the cache stays exact), undo / reset / system, freeze / fork,
-and exact continuation after an interruption at a random step, against uninterrupted runs and Engine.generate."""
+and exact continuation after an interruption at a random step, against uninterrupted runs and Engine.generate;
+every operation again once the cache has grown, and failures inside undo / unfreeze that change nothing."""
 from __future__ import annotations
+
+import bisect
+import json
+import shutil
 
 import pytest
 import torch
@@ -608,3 +613,260 @@ def test_unfreeze_rejects_foreign_snapshots(eng, tiny_llama):
         eng.session().unfreeze(snapshot)
     with pytest.raises(ValueError, match="Snapshot"):
         eng.session().unfreeze({"tokens": []})
+
+
+# ---------------------------------------------------------------- after the cache grows
+# Without max_seq_len the cache starts at 256 positions and doubles, inside the model's forward, when full.
+# Every operation must work on grown buffers: before growth, and after one and two doublings.
+
+
+@pytest.fixture(scope="module")
+def long_dir(tiny_llama, tmp_path_factory):
+    """The tiny llama with max_position_embeddings 2048 (same weights): room for two doublings, 256 -> 1024."""
+    path = tmp_path_factory.mktemp("long") / "model"
+    shutil.copytree(tiny_llama[0], path)
+    config = json.loads((path / "config.json").read_text())
+    config["max_position_embeddings"] = 2048
+    (path / "config.json").write_text(json.dumps(config))
+    return path
+
+
+@pytest.fixture
+def long_eng(long_dir):
+    """A fresh engine of it, loaded without max_seq_len (its cache grows) and without eos."""
+    eng = fachat.Engine.load(long_dir, device="cpu", dtype="float32")
+    eng.tokenizer.eos_token_ids = []
+    return eng
+
+
+def long_message(session, gen, target) -> str:
+    """Random words, the fewest that make the prompt of a chat turn with them at least `target` tokens."""
+    pool = words(gen, target).split(" ")  # every word is at least one token: these suffice
+
+    def prompt(k):
+        return len(render(session.engine, session.messages + [{"role": "user", "content": " ".join(pool[:k])}]))
+
+    return " ".join(pool[:bisect.bisect_left(range(len(pool) + 1), target, key=prompt)])
+
+
+def replay(session, turns) -> list[list[torch.Tensor]]:
+    """Chats the turns, (message, answer length) each; returns each turn's logits rows."""
+    rows = []
+    for text, n in turns:
+        with Logits(session.engine.model) as rec:
+            session.chat(text, max_new_tokens=n)
+        rows.append(rec.rows)
+    return rows
+
+
+def chat_growing(session, gen):
+    """Four chat turns, long messages and short answers, whose contexts end below 256 positions, past 256, past 512,
+    and a little later: the cache's growths are checked to be 0, 1, 2, 2. Returns the turns (message, answer length)
+    for other sessions to replay, the snapshots frozen before each, and each one's logits rows."""
+    turns, before, rows = [], [], []
+    for target, growths in ((randint(gen, 100, 200), 0), (randint(gen, 270, 450), 1), (randint(gen, 530, 700), 2),
+                            (None, 2)):
+        text = words(gen) if target is None else long_message(session, gen, target)
+        turns.append((text, randint(gen, 5, 15)))
+        before.append(session.freeze())
+        rows += replay(session, turns[-1:])
+        assert session.cache.growths == growths, f"{len(session.tokens)} tokens, {session.cache.capacity} positions"
+    assert session.cache.capacity == 1024
+    return turns, before, rows
+
+
+def assert_state(session, snapshot, label="", rng=False):
+    """The session holds exactly the frozen state: tokens, messages, undo history and the K/V bit for bit; with
+    rng, the sampling arguments and the RNG state too (undo does not rewind them)."""
+    now = session.freeze()
+    assert now.tokens == snapshot.tokens and now.conversation == snapshot.conversation, label
+    assert now.system == snapshot.system and session.cache.length == snapshot.keys[0].shape[2], label
+    assert [(t.messages, t.start, t.tokens, t.kv) for t in now.turns] == [
+        (t.messages, t.start, t.tokens, t.kv) for t in snapshot.turns], label
+    assert all(torch.equal(x, y) for x, y in zip(now.keys + now.values, snapshot.keys + snapshot.values)), label
+    if rng:
+        assert now.params == snapshot.params and torch.equal(now.rng_state, snapshot.rng_state), label
+
+
+def test_undo_after_the_cache_grew_writes_back_every_turn(long_eng, gen, seed):
+    eng = long_eng
+    session = eng.session(system=words(gen, 3), seed=seed, **MODES["sampled"])
+    turns, before, _ = chat_growing(session, gen)
+    snapshot = session.freeze()
+    state = session.cache.k + session.cache.v + [t for turn in snapshot.turns for t in turn.keys + turn.values]
+    assert not any(t.is_inference() for t in state + list(snapshot.keys + snapshot.values)), "grown in inference mode"
+    for k in reversed(range(4)):  # turns ended 2 doublings in, then 1, then none
+        session.undo()
+        assert_state(session, before[k], f"undo of turn {k}; seed={seed}")
+    assert session.tokens == [] and session.cache.capacity == 1024
+    # asked again (new draws: undo does not rewind the RNG), past 512 into the grown buffers: as a fresh engine computes
+    for k, (text, n) in enumerate(turns):
+        ids = render(eng, session.messages + [{"role": "user", "content": text}])
+        again = session.freeze()
+        with Logits(eng.model) as rec:
+            g = session.chat(text, max_new_tokens=n)
+        assert_matches_fresh(eng, ids, g.tokens, rec.rows, False, f"turn {k} again; seed={seed}")
+    session.undo()
+    assert_state(session, again, f"seed={seed}")
+    assert_cache_holds(eng, session, f"seed={seed}")
+
+
+def test_unfreeze_after_the_cache_grew_continues_exactly(long_eng, gen, seed):
+    """Unfrozen at the start of each turn (empty, then 0, 1 and 2 doublings in), into the grown session itself and
+    into a fresh one, whose cache grows in unfreeze: the state exactly, then the uninterrupted run's tokens and
+    logits, bit for bit."""
+    eng = long_eng
+    params = dict(system=words(gen, 3), seed=seed, **MODES["penalty"])
+    whole = eng.session(**params)
+    turns, before, rows = chat_growing(whole, gen)
+    final = whole.freeze()
+    for k in range(4):
+        small = eng.session(max_new_tokens=2, temperature=0)
+        small.chat(words(gen))
+        for name, session in (("grown", whole), ("small", small)):
+            label = f"{name} session, from turn {k}; seed={seed}"
+            session.unfreeze(before[k])
+            assert_state(session, before[k], label, rng=True)
+            if name == "small":
+                assert session.cache.growths == (k >= 2), label  # past 256 positions: it grew in unfreeze
+            assert_exact(sum(replay(session, turns[k:]), []), sum(rows[k:], []), label)
+            assert_state(session, final, label, rng=True)
+            session.undo()  # in the buffers grown by unfreeze or by the turns
+            assert_state(session, before[3], label)
+
+
+def test_fork_after_the_cache_grew_is_exact_and_independent(long_eng, gen, seed):
+    """Forked at the start of each turn: the child answers as the parent does, bit for bit, in buffers of its own
+    that grow as it goes; its undo and its writes never touch the parent."""
+    eng = long_eng
+    params = dict(system=words(gen, 3), seed=seed, **MODES["sampled"])
+    turns, before, rows = chat_growing(eng.session(**params), gen)
+    parent = eng.session(**params)
+    for k, turn in enumerate(turns):
+        label = f"forked at turn {k}; seed={seed}"
+        child = parent.fork()
+        assert_state(child, before[k], label, rng=True)
+        assert_exact(replay(child, [turn])[0], rows[k], label)
+        assert_exact(replay(parent, [turn])[0], rows[k], label)
+        after = parent.freeze()
+        assert_state(child, after, label, rng=True)
+        child.undo()
+        assert_state(child, before[k], label)
+        child.cache.k[0].fill_(7.0)
+        child.cache.v[-1].fill_(-7.0)
+        assert_state(parent, after, label, rng=True)
+
+
+def test_reset_after_the_cache_grew_then_undo(long_eng, gen, seed):
+    """Reset before growth, after one doubling and after two: the system prompt's K/V stay, the session answers as a
+    new one does, and undo takes that answer back."""
+    eng = long_eng
+    system = words(gen, 8)
+    params = dict(system=system, seed=seed, **MODES["sampled"])
+    turns, _, _ = chat_growing(eng.session(**params), gen)
+    prefix = eng.tokenizer.apply_chat_template([{"role": "system", "content": system}], add_generation_prompt=False)
+    for k, growths in enumerate((0, 1, 2)):
+        label = f"reset after turn {k}; seed={seed}"
+        session = eng.session(**params)
+        replay(session, turns[:k + 1])
+        assert session.cache.growths == growths, label
+        session.reset()
+        assert session.tokens == prefix and session.cache.length == len(prefix), label
+        cleared = session.freeze()
+        text = words(gen)
+        with Logits(eng.model) as rec:
+            g = session.chat(text, max_new_tokens=10)
+        assert g.tokens == eng.session(**params).chat(text, max_new_tokens=10).tokens, label
+        assert_matches_fresh(eng, render(eng, session.messages[:-1]), g.tokens, rec.rows, False, label)
+        session.undo()
+        assert_state(session, cleared, label)
+        assert_cache_holds(eng, session, label)
+
+
+def test_save_and_load_after_the_cache_grew(long_eng, gen, seed, tmp_path):
+    """Saved at the start of each turn (empty, then 0, 1 and 2 doublings in) and once all have grown: the loaded
+    session is the saved state, answers as it did, bit for bit, and undoes every turn, its cache growing as it goes."""
+    eng = long_eng
+    params = dict(system=words(gen, 3), seed=seed, **MODES["penalty"])
+    session = eng.session(**params)
+    turns, before, rows = chat_growing(session, gen)
+    replaying = eng.session(**params)
+    for k, turn in enumerate(turns):
+        label = f"saved at turn {k}; seed={seed}"
+        replaying.save(tmp_path / f"{k}.safetensors")
+        replay(replaying, [turn])
+        loaded = eng.load_session(tmp_path / f"{k}.safetensors")
+        assert_state(loaded, before[k], label, rng=True)
+        assert_exact(replay(loaded, [turn])[0], rows[k], label)
+        assert_state(loaded, replaying.freeze(), label, rng=True)
+        loaded.undo()
+        assert_state(loaded, before[k], label)
+    session.save(tmp_path / "grown.safetensors")
+    loaded = eng.load_session(tmp_path / "grown.safetensors")
+    assert_state(loaded, session.freeze(), f"seed={seed}", rng=True)
+    for k in reversed(range(4)):
+        for s in (session, loaded):
+            s.undo()
+            assert_state(s, before[k], f"undo of turn {k}; seed={seed}")
+
+
+@pytest.mark.parametrize("op", ["undo", "unfreeze"])
+def test_a_failed_undo_or_unfreeze_changes_nothing(long_eng, op, gen, seed, monkeypatch):
+    """The cache must grow inside undo (in a fork whose cache fits a short context, undoing a turn that cut a long
+    one) or unfreeze (of a long context into a short session). When an allocation of that growth fails, after a
+    random number of buffers, the session is exactly as it was; a KeyboardInterrupt while the K/V are copied leaves it
+    consistent; the call made again gives the state it should."""
+    eng = long_eng
+    layers = eng.args.num_hidden_layers
+    session = eng.session(system=words(gen, 200), seed=seed, **MODES["sampled"])
+    session.chat(words(gen), max_new_tokens=5)  # past 256 positions, most of them the system prompt
+    if op == "undo":
+        session.system = words(gen, 3)  # the next turn cuts the cache near its start, to a short context
+        session.chat(words(gen), max_new_tokens=5)
+        target = session.fork()
+        session.undo()
+        expected, call = session.freeze(), target.undo
+    else:
+        target = eng.session(seed=seed)
+        target.chat(words(gen), max_new_tokens=5)
+        expected = session.freeze()
+
+        def call():
+            target.unfreeze(expected)
+    before, cache = target.freeze(), target.cache
+    grown = (cache.capacity, cache.growths)
+    assert cache.capacity < len(expected.tokens), "the call would not grow the cache"
+    fail_after = randint(gen, 0, 2 * layers - 1)
+    error = (MemoryError, torch.OutOfMemoryError)[randint(gen, 0, 1)]
+    label = f"{op}: {error.__name__} after {fail_after} buffers; seed={seed}"
+    real_regrow, real_write = InPlaceKVCache._regrow, InPlaceKVCache.write
+    regrown, writes = [], []
+
+    def failing_regrow(self, *args):
+        regrown.append(args)
+        if len(regrown) > fail_after:
+            raise error("injected")
+        return real_regrow(self, *args)
+
+    with monkeypatch.context() as patch, pytest.raises(error, match="injected"):
+        patch.setattr(InPlaceKVCache, "_regrow", failing_regrow)
+        call()
+    assert_state(target, before, label, rng=True)
+    assert (cache.capacity, cache.growths) == grown, label
+    at = randint(gen, 1, layers)
+
+    def interrupted_write(self, *args):
+        writes.append(args)
+        if len(writes) == at:
+            raise KeyboardInterrupt
+        return real_write(self, *args)
+
+    with monkeypatch.context() as patch, pytest.raises(KeyboardInterrupt):
+        patch.setattr(InPlaceKVCache, "write", interrupted_write)
+        call()
+    label = f"{op}: interrupted at layer {at - 1}; seed={seed}"
+    assert len(target.tokens) <= len(before.tokens), label
+    assert_cache_holds(eng, target, label)
+    call()
+    assert_state(target, expected, label, rng=True)
+    assert_cache_holds(eng, target, label)
