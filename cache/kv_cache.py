@@ -137,7 +137,7 @@ def _buffer(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device | s
         return torch.empty(shape, dtype=dtype, device=device)
     except RuntimeError as e:  # torch's out-of-memory errors (torch.OutOfMemoryError on CUDA)
         gib = math.prod(shape) * dtype.itemsize / 2**30
-        raise CacheMemoryError(f"the KV cache cannot grow to {shape[2]} positions: a {gib:.2f} GiB buffer does not "
+        raise CacheMemoryError(f"the KV cache cannot hold {shape[2]} positions: a {gib:.2f} GiB buffer does not "
                                f"fit in memory on {device} ({str(e).splitlines()[0]}); use a smaller max_seq_len "
                                "or a shorter context") from None
 

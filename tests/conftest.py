@@ -11,6 +11,7 @@ import os
 import shutil
 import sys
 import zlib
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -49,6 +50,22 @@ def seed(request) -> int:
 def gen(seed) -> torch.Generator:
     """A torch.Generator seeded with this test's seed, for drawing test inputs."""
     return torch.Generator().manual_seed(seed)
+
+
+@contextmanager
+def failing_call(monkeypatch, owner, name: str, at: int, error: BaseException):
+    """Inside the block, owner.name raises error at its at-th call (counted from 1); earlier calls run as usual."""
+    real, calls = getattr(owner, name), []
+
+    def wrapper(self, *args, **kwargs):
+        calls.append(args)
+        if len(calls) == at:
+            raise error
+        return real(self, *args, **kwargs)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(owner, name, wrapper)
+        yield
 
 
 class TinyModels:

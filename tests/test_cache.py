@@ -10,6 +10,8 @@ import fachat
 from fachat.cache.kv_cache import ConcatKVCache, InPlaceKVCache
 from fachat.errors import ContextLengthError
 
+from conftest import failing_call
+
 
 def caches_for(engine, **kw):
     a = engine.args
@@ -324,18 +326,9 @@ def test_failed_growth_changes_nothing_and_an_interrupted_copy_keeps_the_prefix(
             cache.set_state(keys, values, **({"start": start} if start else {}))
 
     buffers = cache.k + cache.v
-    real_regrow, real_write = InPlaceKVCache._regrow, InPlaceKVCache.write
     for fail_after in range(2 * L):
-        regrown = []
-
-        def failing_regrow(self, *args):
-            regrown.append(args)
-            if len(regrown) > fail_after:
-                raise MemoryError("injected")
-            return real_regrow(self, *args)
-
-        with monkeypatch.context() as patch, pytest.raises(MemoryError):
-            patch.setattr(InPlaceKVCache, "_regrow", failing_regrow)
+        with failing_call(monkeypatch, InPlaceKVCache, "_regrow", fail_after + 1, MemoryError("injected")), \
+                pytest.raises(MemoryError):
             run()
         label = f"{call} failing after {fail_after} buffers; seed={seed}"
         assert (cache.length, cache.capacity, cache.growths) == (6, 8, 0), label
@@ -343,16 +336,7 @@ def test_failed_growth_changes_nothing_and_an_interrupted_copy_keeps_the_prefix(
         assert all(torch.equal(cache.views(i)[0], k) and torch.equal(cache.views(i)[1], v)
                    for i, (k, v) in enumerate(old)), label
     at = int(torch.randint(1, L + 1, (1,), generator=gen))
-    writes = []
-
-    def interrupted_write(self, *args):
-        writes.append(args)
-        if len(writes) == at:
-            raise KeyboardInterrupt
-        return real_write(self, *args)
-
-    with monkeypatch.context() as patch, pytest.raises(KeyboardInterrupt):
-        patch.setattr(InPlaceKVCache, "write", interrupted_write)
+    with failing_call(monkeypatch, InPlaceKVCache, "write", at, KeyboardInterrupt()), pytest.raises(KeyboardInterrupt):
         run()
     assert cache.length == start and cache.growths == 1, f"{call} interrupted at layer {at - 1}; seed={seed}"
     run()

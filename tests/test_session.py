@@ -17,6 +17,8 @@ from fachat.engine.generate import prefill
 from fachat.engine.sampling import Sampler
 from fachat.models.tokenizer import Tokenizer
 
+from conftest import failing_call
+
 WORDS = ["the", "quick", "fox", "jumps", "over", "lazy", "dog", "count:", "one", "two", "three", "Héllo", "wörld",
          "return", "{'a':", "[1, 2]", "日本語", "🙂", "model", "small"]
 # greedy and sampled decoding, the latter with a repetition penalty too
@@ -839,30 +841,13 @@ def test_a_failed_undo_or_unfreeze_changes_nothing(long_eng, op, gen, seed, monk
     fail_after = randint(gen, 0, 2 * layers - 1)
     error = (MemoryError, torch.OutOfMemoryError)[randint(gen, 0, 1)]
     label = f"{op}: {error.__name__} after {fail_after} buffers; seed={seed}"
-    real_regrow, real_write = InPlaceKVCache._regrow, InPlaceKVCache.write
-    regrown, writes = [], []
-
-    def failing_regrow(self, *args):
-        regrown.append(args)
-        if len(regrown) > fail_after:
-            raise error("injected")
-        return real_regrow(self, *args)
-
-    with monkeypatch.context() as patch, pytest.raises(error, match="injected"):
-        patch.setattr(InPlaceKVCache, "_regrow", failing_regrow)
+    with failing_call(monkeypatch, InPlaceKVCache, "_regrow", fail_after + 1, error("injected")), \
+            pytest.raises(error, match="injected"):
         call()
     assert_state(target, before, label, rng=True)
     assert (cache.capacity, cache.growths) == grown, label
     at = randint(gen, 1, layers)
-
-    def interrupted_write(self, *args):
-        writes.append(args)
-        if len(writes) == at:
-            raise KeyboardInterrupt
-        return real_write(self, *args)
-
-    with monkeypatch.context() as patch, pytest.raises(KeyboardInterrupt):
-        patch.setattr(InPlaceKVCache, "write", interrupted_write)
+    with failing_call(monkeypatch, InPlaceKVCache, "write", at, KeyboardInterrupt()), pytest.raises(KeyboardInterrupt):
         call()
     label = f"{op}: interrupted at layer {at - 1}; seed={seed}"
     assert len(target.tokens) <= len(before.tokens), label
