@@ -6,12 +6,18 @@ from pathlib import Path
 
 def two_panels():
     """A figure with two side-by-side axes, drawn off-screen."""
+    return panels(2)
+
+
+def panels(n: int):
+    """A figure with n side-by-side axes (a list, also for n = 1), drawn off-screen."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    return plt.subplots(1, 2, figsize=(11, 4.2))
+    fig, axes = plt.subplots(1, n, figsize=(5.5 * n, 4.2), squeeze=False)
+    return fig, list(axes[0])
 
 
 def save(fig, axes, xlabel: str, title: str, path: Path) -> None:

@@ -1,7 +1,9 @@
-"""Torch reference attention: the CPU path and the oracle for the GPU kernels.
+"""Torch reference backend: the CPU path and the oracle for the GPU kernels.
 
-Both functions read K/V from capacity buffers [B, Hkv, capacity, D] up to the live length and
-handle GQA by grouping query heads per KV head, never by repeating K/V.
+The attention functions read K/V from capacity buffers [B, Hkv, capacity, D] up to the live length and
+handle GQA by grouping query heads per KV head, never by repeating K/V. rms_norm, silu_mul and rope_write
+are the layer's other steps, in eager torch op for op as the model computed them before the Triton
+backend fused each into one kernel.
 """
 from __future__ import annotations
 
@@ -28,6 +30,11 @@ def key_mask(kv_len: torch.Tensor, q_len: int, total: int, window: int | None) -
     return visible
 
 
+def _batch_one(kv_len):
+    """A one-row length tensor as its int, for the unmasked path (the tensor's path reads its longest length anyway)."""
+    return int(kv_len) if isinstance(kv_len, torch.Tensor) and kv_len.shape == (1,) else kv_len
+
+
 def _lengths(kv_len, batch: int, device) -> torch.Tensor:
     if isinstance(kv_len, int):
         return torch.full((batch,), kv_len, dtype=torch.long, device=device)
@@ -52,6 +59,7 @@ def decode_attention(q, k_cache, v_cache, kv_len, *, scale=None, window=None, so
     """q [B, Hq, D] -> [B, Hq, D], by split-KV: per-partition (max, sum, unnormalized out), then a reduce."""
     B, Hq, D = q.shape
     Hkv = k_cache.shape[1]
+    kv_len = _batch_one(kv_len)
     lengths = _lengths(kv_len, B, q.device)
     T = int(kv_len) if isinstance(kv_len, int) else int(lengths.max())
     scale = 1.0 / math.sqrt(D) if scale is None else scale
@@ -98,6 +106,7 @@ def prefill_attention(q, k_cache, v_cache, kv_len, *, scale=None, window=None, s
     B, Hq, Lq, D = q.shape
     Hkv = k_cache.shape[1]
     G = Hq // Hkv
+    kv_len = _batch_one(kv_len)
     lengths = _lengths(kv_len, B, q.device)
     T = int(kv_len) if isinstance(kv_len, int) else int(lengths.max())
     scale = 1.0 / math.sqrt(D) if scale is None else scale
@@ -112,3 +121,47 @@ def prefill_attention(q, k_cache, v_cache, kv_len, *, scale=None, window=None, s
         s = _scores(qg.float(), k.float(), scale, softcap).masked_fill(~mask, float("-inf"))
         out = torch.matmul(torch.softmax(s, dim=-1), v.float()).to(q.dtype)
     return out.reshape(B, Hq, Lq, D)
+
+
+def rms_norm(x, weight, eps, residual=None):
+    """RMSNorm of x [..., H] (normalised in float32, as the reference implementation does for half types);
+    with residual, of s = x + residual, returning (normed, s)."""
+    if residual is not None:
+        s = x + residual
+        return rms_norm(s, weight, eps), s
+    h = x.float()
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * h.to(x.dtype)
+
+
+def silu_mul(gate_up):
+    """[..., 2 * I] holding gate then up -> silu(gate) * up [..., I]."""
+    gate, up = gate_up.chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def rope_write(qkv, cos, sin, positions, k_cache, v_cache, n_heads: int, n_kv_heads: int):
+    """Rotates q and k of qkv [B, L, (n_heads + 2 * n_kv_heads) * D] (q, k, v heads in turn) by the rows
+    positions [B, L] of cos, sin [P, D] (rotate_half layout), writes k and v into k_cache, v_cache
+    [B, Hkv, capacity, D] at those positions and returns q [B, n_heads, L, D].
+
+    Reads no length or position on the host, so that a CUDA graph can capture it."""
+    B, L, _ = qkv.shape
+    D = cos.shape[-1]
+    q, k, v = qkv.split([n_heads * D, n_kv_heads * D, n_kv_heads * D], dim=-1)
+    q = q.view(B, L, n_heads, D).transpose(1, 2)
+    k = k.view(B, L, n_kv_heads, D).transpose(1, 2)
+    v = v.view(B, L, n_kv_heads, D).transpose(1, 2)
+    cos, sin = cos[positions][:, None], sin[positions][:, None]  # [B, 1, L, D]
+    q = q * cos + rotate_half(q) * sin
+    k = k * cos + rotate_half(k) * sin
+    # Advanced indices split by a slice put their broadcast shape [B, L] first: [B, L, Hkv, D] is assigned.
+    rows = torch.arange(B, device=positions.device)[:, None]
+    k_cache[rows, :, positions] = k.transpose(1, 2)
+    v_cache[rows, :, positions] = v.transpose(1, 2)
+    return q

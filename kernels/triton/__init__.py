@@ -1,9 +1,11 @@
-"""Triton attention backend: split-KV decode and tiled flash prefill (fachat.kernels.dispatch loads it lazily).
+"""Triton backend: split-KV decode and tiled flash prefill attention, and the layer's fused RMSNorm, SiLU-mul and
+RoPE with the K/V cache write (fachat.kernels.dispatch loads it lazily).
 
 INTERPRET says whether the kernels run in Triton's CPU interpreter: TRITON_INTERPRET=1 when this
 package was first imported (Triton decides when it decorates them).
 """
 from fachat.kernels.triton.decode import INTERPRET, decode_attention
+from fachat.kernels.triton.fused import rms_norm, rope_write, silu_mul
 from fachat.kernels.triton.prefill import prefill_attention
 
-__all__ = ["decode_attention", "prefill_attention", "INTERPRET"]
+__all__ = ["decode_attention", "prefill_attention", "rms_norm", "silu_mul", "rope_write", "INTERPRET"]

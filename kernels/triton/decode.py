@@ -368,18 +368,19 @@ def decode_attention(q, k_cache, v_cache, kv_len, *, scale=None, window=None, so
     cfg = cfg or config(D, kv_dtype)
     q, k_cache, v_cache, q_strides, k_strides = kernel_layout(q, k_cache, v_cache)
     per_row = not isinstance(kv_len, int)
-    if per_row:
-        lens = kv_len.to(device=device, dtype=torch.int32)
-        span = int(lens.max())
-    else:
-        lens, span = q, kv_len  # q stands in for the unused lengths pointer
+    lens = kv_len.to(device=device, dtype=torch.int32) if per_row else q  # q: the unused lengths pointer
     if window is not None:
         window = min(window, k_cache.shape[2])  # no change in meaning; keeps it an int32 for the kernel
-        span = min(span, window)
-    num_parts = num_partitions or split(span, B * Hkv, D, _sm_count(device), cfg)
+    num_parts = num_partitions
+    if not num_parts:
+        # Lengths on the device are not read on the host (a sync, which CUDA-graph capture refuses): their split
+        # is the capacity's, the same at every step, so one captured graph serves every length.
+        span = k_cache.shape[2] if per_row else kv_len
+        num_parts = split(span if window is None else min(span, window), B * Hkv, D, _sm_count(device), cfg)
     out = output_for(q, out)
     single = num_parts == 1
-    pdl = _pdl(device)
+    # Under CUDA-graph capture, no PDL: how its launches capture (as programmatic edges, CUDA >= 12.3) is unchecked.
+    pdl = _pdl(device) and not torch.cuda.is_current_stream_capturing()
     target = None if INTERPRET else launch_target()
     work = out if single else workspace(B * Hq, num_parts, D, device, target)
     key = (q.dtype, kv_dtype, q_strides, k_strides)

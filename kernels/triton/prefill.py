@@ -193,6 +193,8 @@ def prefill_attention(q, k_cache, v_cache, kv_len, *, scale=None, window=None, s
     the result. On Hopper the calls prefill_hopper.supports takes run its kernel, unless cfg (this
     module's kernel configuration) is given."""
     B, Hq, Lq, D = q.shape
+    if not isinstance(kv_len, int) and B == 1:
+        kv_len = int(kv_len)  # one row: its length as an int takes the fastest kernels (prefill is not captured)
     q, k_cache, v_cache, q_strides, k_strides = kernel_layout(q, k_cache, v_cache)
     if window is not None:
         window = min(window, k_cache.shape[2])  # no change in meaning; keeps it an int32 for the kernel

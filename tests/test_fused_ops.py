@@ -1,0 +1,298 @@
+"""The layer ops both backends export (rms_norm, silu_mul, rope_write) against float64 math written here, and
+what CUDA-graph capture needs of them and of decode_attention: no value read on the host.
+
+The reference backend runs on the CPU; the triton one on CUDA where there is a GPU, else in Triton's CPU
+interpreter (set up as tests/test_triton_kernels.py does), and its tests skip where triton does not import.
+"""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from fachat.kernels import reference
+
+CUDA = torch.cuda.is_available()
+TRITON_DEVICE = "cuda" if CUDA else "cpu"
+F32, F16, BF16, F64 = torch.float32, torch.float16, torch.bfloat16, torch.float64
+# Without a GPU the kernels go to Triton's interpreter, which triton chooses when it is imported: set
+# TRITON_INTERPRET for this import only (interpreter_env sets it again while the tests run).
+saved = os.environ.get("TRITON_INTERPRET")
+if not CUDA:
+    os.environ["TRITON_INTERPRET"] = "1"
+try:
+    from fachat.kernels import triton as triton_backend
+    from fachat.kernels.triton import decode
+    NO_TRITON = None
+except ImportError as e:
+    triton_backend = decode = None
+    NO_TRITON = f"the triton backend does not import ({e}); the test extra installs triton on Linux"
+finally:
+    if saved is None:
+        os.environ.pop("TRITON_INTERPRET", None)
+    else:
+        os.environ["TRITON_INTERPRET"] = saved
+
+# A result may be off by this many units in the last place of its dtype, relative to the magnitude of the terms
+# that make it (rounding of the inputs' products and sums; Triton's interpreter truncates to bfloat16). A wrong
+# element, position or sign is off by the terms themselves.
+ULPS = 8
+ULP = {F32: 2.0 ** -23, F16: 2.0 ** -10, BF16: 2.0 ** -7}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def interpreter_env():
+    """The interpreter reads TRITON_INTERPRET again when it runs (triton imports helpers lazily)."""
+    with pytest.MonkeyPatch.context() as mp:
+        if not CUDA:
+            mp.setenv("TRITON_INTERPRET", "1")
+        yield
+
+
+@pytest.fixture(params=["reference", "triton"])
+def backend(request):
+    """(module, device) of a backend."""
+    if request.param == "reference":
+        return reference, "cpu"
+    if NO_TRITON:
+        pytest.skip(NO_TRITON)
+    return triton_backend, TRITON_DEVICE
+
+
+def check(out, expected, terms, dtype, msg):
+    """out (any device) equals float64 expected within ULPS of terms, the elementwise magnitude of what was summed."""
+    out = out.cpu()
+    assert out.dtype == dtype and out.shape == expected.shape, f"{out.dtype} {tuple(out.shape)}; {msg}"
+    assert not out.isnan().any(), f"NaN in output; {msg}"
+    err = (out.to(F64) - expected).abs()
+    bound = ULPS * ULP[dtype] * (terms + torch.finfo(dtype).tiny)
+    worst = (err / bound).argmax()
+    assert (err <= bound).all(), \
+        f"off by {err.flatten()[worst]:.3g} at {worst.item()} (allowed {bound.flatten()[worst]:.3g}); {msg}"
+
+
+def randn(shape, gen, dtype, scale=1.0):
+    """Normal values times scale, drawn in float64 on the CPU and rounded to dtype."""
+    return (torch.randn(shape, generator=gen, dtype=F64) * scale).to(dtype)
+
+
+# ---------------------------------------------------------------- rms_norm
+
+
+@pytest.mark.parametrize("dtype", [F32, F16, BF16])
+@pytest.mark.parametrize("H", [64, 576])
+@pytest.mark.parametrize("B,L", [(1, 1), (2, 3)])
+@pytest.mark.parametrize("residual", [False, True])
+def test_rms_norm(residual, B, L, H, dtype, backend, gen, seed):
+    attn, device = backend
+    x, r = randn((B, L, H), gen, dtype, 3.0), randn((B, L, H), gen, dtype)
+    w = randn(H, gen, dtype)
+    eps = float(torch.empty(()).uniform_(1e-6, 1e-4, generator=gen))
+    msg = f"{attn.__name__} {dtype} B={B} L={L} H={H} residual={residual} seed={seed}"
+    if residual:
+        out, total = attn.rms_norm(x.to(device), w.to(device), eps, r.to(device))
+        s = x.to(F64) + r.to(F64)
+        check(total, s, s.abs(), dtype, f"sum; {msg}")
+    else:
+        out, s = attn.rms_norm(x.to(device), w.to(device), eps), x.to(F64)
+    normed = s / (s.pow(2).mean(-1, keepdim=True) + eps).sqrt()
+    check(out, normed * w.to(F64), (normed * w.to(F64)).abs(), dtype, msg)
+
+
+@pytest.mark.parametrize("dtype", [F32, BF16])
+def test_rms_norm_strided_rows(dtype, backend, gen, seed):
+    """The model's last-position rows h[:, -1] (a row stride of L * H) and a sum of them."""
+    attn, device = backend
+    B, L, H = 2, 3, 64
+    x, r = randn((B, L, H), gen, dtype).to(device), randn((B, L, H), gen, dtype).to(device)
+    w = randn(H, gen, dtype).to(device)
+    out, total = attn.rms_norm(x[:, -1], w, 1e-5, r[:, -1])
+    s = x[:, -1].cpu().to(F64) + r[:, -1].cpu().to(F64)
+    y = s / (s.pow(2).mean(-1, keepdim=True) + 1e-5).sqrt() * w.cpu().to(F64)
+    check(total, s, s.abs(), dtype, f"sum; {attn.__name__} seed={seed}")
+    check(out, y, y.abs(), dtype, f"{attn.__name__} seed={seed}")
+
+
+# ---------------------------------------------------------------- silu_mul
+
+
+@pytest.mark.parametrize("dtype", [F32, F16, BF16])
+@pytest.mark.parametrize("shape,I", [((1, 1), 64), ((2, 3), 1100)])  # 1100: a block and a ragged one
+def test_silu_mul(shape, I, dtype, backend, gen, seed):
+    attn, device = backend
+    gate_up = randn((*shape, 2 * I), gen, dtype, 4.0)  # gates out to where the sigmoid saturates
+    gate, up = gate_up.to(F64).split(I, dim=-1)
+    y = gate / (1 + torch.exp(-gate)) * up
+    # exp's relative error grows with its argument: where the sigmoid is small, silu carries |gate| of it.
+    check(attn.silu_mul(gate_up.to(device)), y, y.abs() * (1 + gate.abs()), dtype,
+          f"{attn.__name__} {dtype} I={I} seed={seed}")
+
+
+# ---------------------------------------------------------------- rope_write
+
+
+def rope_table(P, D, dtype):
+    """cos, sin [P, D] in the rotate_half layout (both halves alike), as a model builds them."""
+    inv_freq = 1.0 / 10000 ** (torch.arange(0, D, 2, dtype=F64) / D)
+    angles = torch.outer(torch.arange(P, dtype=F64), inv_freq).repeat(1, 2)
+    return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+def rotated(x, cos, sin):
+    """x [..., D] turned by float64 cos, sin [..., D] -> (x', the magnitude of the terms that make each element)."""
+    (x1, x2), (c1, c2), (s1, s2) = (t.chunk(2, dim=-1) for t in (x, cos, sin))
+    out = torch.cat((x1 * c1 - x2 * s1, x2 * c2 + x1 * s2), -1)
+    terms = torch.cat(((x1 * c1).abs() + (x2 * s1).abs(), (x2 * c2).abs() + (x1 * s2).abs()), -1)
+    return out, terms
+
+
+@pytest.mark.parametrize("dtype", [F32, F16, BF16])
+@pytest.mark.parametrize("D", [64, 128])
+@pytest.mark.parametrize("Hq,Hkv", [(9, 3), (4, 2)])
+@pytest.mark.parametrize("B,L", [(1, 1), (2, 1), (1, 3), (2, 3)])
+def test_rope_write(B, L, Hq, Hkv, D, dtype, backend, gen, seed):
+    attn, device = backend
+    C = 24  # cache capacity; the table has more rows than that
+    qkv = randn((B, L, (Hq + 2 * Hkv) * D), gen, dtype, 2.0)
+    cos, sin = rope_table(C + 8, D, dtype)
+    # Distinct positions for each row, none 0, not in order, different per row.
+    positions = torch.stack([torch.randperm(C - 1, generator=gen)[:L] + 1 for _ in range(B)])
+    # The caches are the first C positions of NaN buffers with room for 5 and 9 more: strides not of their shape,
+    # and not each other's.
+    k_buf, v_buf = (torch.full((B, Hkv, C + spare, D), float("nan"), dtype=dtype, device=device) for spare in (5, 9))
+    msg = f"{attn.__name__} {dtype} B={B} L={L} Hq={Hq} Hkv={Hkv} D={D} positions={positions.tolist()} seed={seed}"
+
+    q = attn.rope_write(qkv.to(device), cos.to(device), sin.to(device), positions.to(device), k_buf[:, :, :C],
+                        v_buf[:, :, :C], Hq, Hkv)
+
+    x = qkv.to(F64).view(B, L, Hq + 2 * Hkv, D)
+    c, s = cos.to(F64)[positions][:, :, None], sin.to(F64)[positions][:, :, None]  # [B, L, 1, D]
+    q_ref, q_terms = rotated(x[:, :, :Hq], c, s)
+    k_ref, k_terms = rotated(x[:, :, Hq:Hq + Hkv], c, s)
+    check(q, q_ref.transpose(1, 2), q_terms.transpose(1, 2), dtype, f"q; {msg}")
+
+    written = torch.zeros(B, C + 9, dtype=torch.bool)
+    written[torch.arange(B)[:, None], positions] = True
+    k_got, v_got = k_buf.cpu().transpose(1, 2), v_buf.cpu().transpose(1, 2)  # [B, capacity, Hkv, D]
+    k_written = written[:, :C + 5]
+    assert k_got[~k_written].isnan().all() and v_got[~written].isnan().all(), f"wrote past the positions; {msg}"
+    # k_got[written] holds each row's written positions in increasing order: the tokens sorted by position.
+    by_position = torch.arange(B)[:, None], positions.argsort(-1)
+    check(k_got[k_written], k_ref[by_position].flatten(0, 1), k_terms[by_position].flatten(0, 1), dtype, f"k; {msg}")
+    v_ref = qkv.view(B, L, Hq + 2 * Hkv, D)[:, :, Hq + Hkv:]
+    assert torch.equal(v_got[written], v_ref[by_position].flatten(0, 1)), f"v is not copied as it is; {msg}"
+
+
+# ---------------------------------------------------------------- graph capture: no value read on the host
+
+
+def test_reference_rope_write_reads_no_position():
+    """On meta tensors (shapes without data) any read of a value raises."""
+    B, L, Hq, Hkv, D, C = 2, 3, 4, 2, 64, 16
+    meta = dict(device="meta")
+    q = reference.rope_write(torch.empty(B, L, (Hq + 2 * Hkv) * D, **meta), torch.empty(C, D, **meta),
+                             torch.empty(C, D, **meta), torch.empty(B, L, dtype=torch.long, **meta),
+                             torch.empty(B, Hkv, C, D, **meta), torch.empty(B, Hkv, C, D, **meta), Hq, Hkv)
+    assert q.shape == (B, Hq, L, D)
+
+
+class HostReads(TorchDispatchMode):
+    """Counts reads of a tensor's value by item(), int(), bool() (aten._local_scalar_dense): each one waits for
+    the GPU, and CUDA-graph capture refuses them. tolist() of a CPU tensor reads without dispatch: the capture
+    test below catches that on a GPU."""
+
+    def __init__(self):
+        super().__init__()
+        self.reads = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.reads += func is torch.ops.aten._local_scalar_dense.default
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.skipif(NO_TRITON is not None, reason=NO_TRITON or "")
+def test_triton_reads_no_position_or_length_on_the_host(gen):
+    """rope_write, and decode_attention with lengths on the device, whether given num_partitions or left to
+    the split (which takes the capacity's). An int() of a length is counted (the count's own check)."""
+    device = TRITON_DEVICE
+    B, L, Hq, Hkv, D, C = 2, 1, 4, 2, 64, 80
+    cos, sin = rope_table(C, D, F32)
+    k_cache, v_cache = torch.randn(2, B, Hkv, C, D, generator=gen).to(device)
+    qkv = torch.randn(B, L, (Hq + 2 * Hkv) * D, generator=gen).to(device)
+    positions = torch.tensor([[69], [4]], device=device)
+    with HostReads() as mode:
+        q = triton_backend.rope_write(qkv, cos.to(device), sin.to(device), positions, k_cache, v_cache, Hq, Hkv)
+    assert mode.reads == 0, f"rope_write read {mode.reads} values on the host"
+    kv_len = positions[:, 0] + 1
+    expected = reference.decode_attention(q[:, :, 0].cpu(), k_cache.cpu(), v_cache.cpu(), kv_len.cpu())
+    with HostReads() as mode:
+        int(kv_len[0])
+    assert mode.reads == 1, "the counter missed an int()"
+    for num_partitions in (2, None):
+        with HostReads() as mode:
+            out = decode.decode_attention(q[:, :, 0], k_cache, v_cache, kv_len, num_partitions=num_partitions)
+        assert mode.reads == 0, f"num_partitions={num_partitions}: {mode.reads} host reads"
+        assert torch.allclose(out.cpu(), expected, atol=1e-5, rtol=1e-4), f"num_partitions={num_partitions}"
+
+
+@pytest.mark.skipif(not CUDA or NO_TRITON is not None, reason=NO_TRITON or "CUDA graphs need a GPU")
+def test_triton_decode_step_replays_from_a_cuda_graph(gen):
+    """A decode step's ops captured once, replayed at other positions and lengths: bit for bit what they give
+    eagerly there (the same kernels; captured without PDL)."""
+    B, Hq, Hkv, D, H, I, C, dtype = 2, 8, 2, 128, 256, 512, 300, BF16
+    cos, sin = (t.cuda() for t in rope_table(C, D, dtype))
+
+    def inputs():
+        return dict(x=randn((B, 1, H), gen, dtype), residual=randn((B, 1, H), gen, dtype), weight=randn(H, gen, dtype),
+                    gate_up=randn((B, 1, 2 * I), gen, dtype), qkv=randn((B, 1, (Hq + 2 * Hkv) * D), gen, dtype),
+                    k_cache=randn((B, Hkv, C, D), gen, dtype), v_cache=randn((B, Hkv, C, D), gen, dtype),
+                    positions=torch.randint(0, C, (B, 1), generator=gen))
+
+    def step(x, residual, weight, gate_up, qkv, k_cache, v_cache, positions):
+        attn = triton_backend
+        normed, total = attn.rms_norm(x, weight, 1e-5, residual)
+        q = attn.rope_write(qkv, cos, sin, positions, k_cache, v_cache, Hq, Hkv)
+        o = attn.decode_attention(q[:, :, 0], k_cache, v_cache, positions[:, 0] + 1, num_partitions=4)
+        return normed, total, attn.silu_mul(gate_up), q, o
+
+    static = {name: t.cuda() for name, t in inputs().items()}
+    side = torch.cuda.Stream()  # warm-up (compiling) off the capturing stream, as torch.cuda.graph asks
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        step(**static)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        replayed = step(**static)
+    for _ in range(2):
+        fresh = {name: t.cuda() for name, t in inputs().items()}
+        for name, t in fresh.items():
+            static[name].copy_(t)
+        graph.replay()
+        eager = step(**fresh)
+        for i, (a, b) in enumerate(zip((*replayed, static["k_cache"], static["v_cache"]),
+                                       (*eager, fresh["k_cache"], fresh["v_cache"]), strict=True)):
+            assert torch.equal(a, b), f"output {i} of the replay differs from the eager step"
+
+
+# ---------------------------------------------------------------- reference attention at batch 1
+
+
+@pytest.mark.parametrize("fn", ["decode", "prefill"])
+def test_reference_batch_one_tensor_length_runs_the_unmasked_path(fn, gen, monkeypatch, seed):
+    """kv_len as a [1] tensor gives the int's result bit for bit, without building a mask (the CPU decode path
+    passes tensor lengths)."""
+    Hkv, G, D, Lq, n = 2, 3, 64, 1 if fn == "decode" else 5, 300
+    q = torch.randn(1, Hkv * G, Lq, D, generator=gen)
+    k, v = torch.randn(2, 1, Hkv, n + 7, D, generator=gen)
+    k[:, :, n:] = v[:, :, n:] = float("nan")
+    attention = reference.decode_attention if fn == "decode" else reference.prefill_attention
+    q = q[:, :, 0] if fn == "decode" else q
+    expected = attention(q, k, v, n)
+    monkeypatch.setattr(reference, "_zero_past_rows", lambda *a: pytest.fail("took the per-row lengths' path"))
+    if fn == "decode":  # the int path builds no mask (prefill's causal mask is built on both paths)
+        monkeypatch.setattr(reference, "key_mask", lambda *a: pytest.fail("a mask was built"))
+    for dtype in (torch.int64, torch.int32):
+        assert torch.equal(attention(q, k, v, torch.tensor([n], dtype=dtype)), expected), f"{dtype} seed={seed}"
