@@ -158,12 +158,9 @@ class FaChat:
         return Run(gen.stats.time_to_first_token, gen.stats.decode_tokens_per_s, gen.tokens)
 
     def extra(self) -> dict:
-        runner, out = getattr(self.engine, "runner", None), {}
-        for key in ("capture_seconds", "graphs"):
-            if hasattr(runner, key):
-                v = getattr(runner, key)
-                out[key] = v if isinstance(v, (int, float, str)) else len(v) if hasattr(v, "__len__") else repr(v)
-        return out | {"attention_backend": getattr(self.engine, "attention_backend", None)}
+        runner = self.engine.runner
+        return {"capture_seconds": round(runner.capture_seconds, 3), "captures": runner.captures,
+                "cuda_graphs": self.engine.cuda_graphs_reason, "attention_backend": self.engine.attention_backend}
 
 
 class HF:
@@ -450,7 +447,7 @@ def table(name: str, m: dict, contexts: list[int], ttft_ctx: int) -> str:
                          "transformers eager's")
         notes += [f"- {k} at {c}: {v['status']}" for c, v in cs.items() if "status" in v]
         notes += [f"- {k} profile: {prof['status']}"] if "status" in prof else []
-        notes += [f"- {k}: " + ", ".join(f"{x} {r[x]}" for x in ("capture_seconds", "graphs", "attention_backend")
+        notes += [f"- {k}: " + ", ".join(f"{x} {r[x]}" for x in ("capture_seconds", "captures", "cuda_graphs", "attention_backend")
                                           if x in r)] if "attention_backend" in r else []
     if m.get("inductor_cudagraph_skips"):
         notes.append(f"- torch.compile skipped CUDA graphs {m['inductor_cudagraph_skips']} times (see its log)")

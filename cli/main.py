@@ -231,7 +231,7 @@ def repl(session, args) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        from fachat.cache.checkpoint import read_checkpoint_info
+        from fachat.engine.persistence import read_checkpoint_info
         from fachat.engine.engine import Engine
         from fachat.engine.sampling import SamplingParams
         from fachat.models.loaders import default_model

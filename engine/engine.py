@@ -2,15 +2,15 @@
 from __future__ import annotations
 
 import functools
-import hashlib
-import json
 import os
 from typing import Any, Sequence
 
 import torch
 
 from fachat.cache.kv_cache import InPlaceKVCache
-from fachat.engine.generate import Generation, TextStream, prefill
+from fachat.engine.generate import Generation, TextStream
+from fachat.engine.runner import Runner, cuda_graphs_reason
+from fachat.engine.persistence import model_fingerprint
 from fachat.engine.session import Session
 from fachat.errors import ContextLengthError
 from fachat.kernels.dispatch import BACKENDS, choose_backend
@@ -19,11 +19,6 @@ from fachat.models.loaders import LoadedModel, load_model
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
           "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
           "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
-# The config fields the forward pass reads (with the rope frequencies): what the K/V and logits depend on
-# besides the weights. The rest (dtype, token ids, max_position_embeddings...) changes no math.
-MATH_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-               "num_key_value_heads", "head_dim", "rms_norm_eps", "layer_windows", "qkv_bias", "o_bias", "mlp_bias",
-               "tie_word_embeddings")
 
 
 def resolve_device(device: str | torch.device) -> torch.device:
@@ -75,6 +70,8 @@ class Engine:
         # attention_backend_reason: why that backend runs (triton not installed, another device, ...).
         self.attention_backend, self.attention_backend_reason = choose_backend(device, dtype, self.args.head_dim)
         self.model.attn = BACKENDS[self.attention_backend]
+        self.cuda_graphs, self.cuda_graphs_reason = cuda_graphs_reason(device, self.attention_backend)
+        self._stream: TextStream | None = None  # generate's last, which shares self.runner
 
     @classmethod
     def load(cls, model: str | os.PathLike | None = None, device: str | torch.device = "auto",
@@ -92,6 +89,16 @@ class Engine:
         return InPlaceKVCache(a.num_hidden_layers, a.num_key_value_heads, a.head_dim, dtype=self.dtype,
                               device=self.device, max_seq_len=self.max_seq_len,
                               capacity=self.max_seq_len if self.preset_capacity else None)
+
+    def new_runner(self) -> Runner:
+        """A runner with a new cache and RNG: what a session decodes with."""
+        return Runner(self.model, self.new_cache(), graphs=self.cuda_graphs)
+
+    @functools.cached_property
+    def runner(self) -> Runner:
+        """The runner that generate and stream use, one call after another: its cache and CUDA graphs are
+        made once, not per call."""
+        return self.new_runner()
 
     def encode_prompt(self, prompt: str | Sequence[dict[str, Any]] | Sequence[int]) -> list[int]:
         """A str is raw text (the tokenizer adds bos if it should), a list of messages goes through
@@ -121,10 +128,16 @@ class Engine:
                top_p: float = 1.0, min_p: float = 0.0, repetition_penalty: float = 1.0, seed: int | None = None,
                stop: str | Sequence[str] | None = None) -> TextStream:
         """Yields text pieces as they decode; the returned stream's `.generation` holds the result at the end."""
-        # A throwaway session: the one generation path, with a new cache and a sampler seeded with `seed`.
-        session = Session(self, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                          min_p=min_p, repetition_penalty=repetition_penalty, seed=seed, stop=stop)
-        return session._stream(self.encode_prompt(prompt), {})
+        ids = self.encode_prompt(prompt)
+        # A throwaway session on the engine's runner (the one generation path), with a sampler seeded with `seed`.
+        # A stream still open from an earlier call ends first: it decodes on the same runner.
+        if self._stream is not None:
+            self._stream.close()
+        session = Session(self, runner=self.runner, max_new_tokens=max_new_tokens, temperature=temperature,
+                          top_k=top_k, top_p=top_p, min_p=min_p, repetition_penalty=repetition_penalty, seed=seed,
+                          stop=stop)
+        self._stream = session.stream_from(ids)
+        return self._stream
 
     def generate(self, prompt, max_new_tokens: int = 256, temperature: float = 0.7, top_k: int = 0,
                  top_p: float = 1.0, min_p: float = 0.0, repetition_penalty: float = 1.0, seed: int | None = None,
@@ -146,15 +159,9 @@ class Engine:
 
     @functools.cached_property
     def fingerprint(self) -> dict[str, Any]:
-        """What identifies the model that a session's K/V belong to: a hash of the config fields the math
-        reads (MATH_FIELDS and the rope frequencies in use) and the hash of every weight value, taken as the
-        weights file was read (the same whatever dtype the engine runs). The architecture and source are
-        there to name the model in messages."""
-        config = {k: getattr(self.args, k) for k in MATH_FIELDS} | {"rope_inv_freq": self.model.inv_freq.tolist()}
-        source = os.path.abspath(self.source) if os.path.exists(self.source) else self.source
-        return {"architecture": self.args.architecture,
-                "config_sha256": hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest(),
-                "weights_sha256": self.weights_sha256, "source": source}
+        """What identifies the model that a session's K/V belong to (fachat.engine.persistence.model_fingerprint:
+        hashes of the config fields the math reads and of every weight value), computed once per engine."""
+        return model_fingerprint(self)
 
     def score(self, token_ids) -> torch.Tensor:
         """Teacher-forced logits at every position, float32 [len, vocab]."""
@@ -163,5 +170,5 @@ class Engine:
             raise ValueError("token_ids is empty")
         if len(ids) > self.max_seq_len:
             raise ContextLengthError(f"{len(ids)} tokens exceed max_seq_len={self.max_seq_len}")
-        return prefill(self.model, self.new_cache(), ids, all_logits=True)
+        return Runner(self.model, self.new_cache()).prefill(ids, all_logits=True)
 

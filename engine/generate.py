@@ -2,16 +2,12 @@
 from __future__ import annotations
 
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, Sequence
 
-import torch
-
-from fachat.cache.kv_cache import InPlaceKVCache
-from fachat.engine.sampling import Sampler
+from fachat.engine.runner import Runner
 from fachat.models.tokenizer import Tokenizer
-
-PREFILL_CHUNK = 512  # long prompts run in chunks, bounding attention's temporary memory
 
 
 @dataclass
@@ -32,28 +28,35 @@ class Generation:
     stats: GenerationStats = field(default_factory=GenerationStats)
 
 
-def prefill(model, cache: InPlaceKVCache, ids: list[int], all_logits: bool = False) -> torch.Tensor:
-    """Runs ids after the cache's current length in chunks; returns the last position's logits [vocab],
-    or every position's [len(ids), vocab] with all_logits."""
-    device = model.lm_head.weight.device
-    outputs = []
-    for i in range(0, len(ids), PREFILL_CHUNK):
-        chunk = torch.tensor([ids[i:i + PREFILL_CHUNK]], dtype=torch.long, device=device)
-        outputs.append(model(chunk, cache, all_logits=all_logits)[0])
-    return torch.cat(outputs) if all_logits else outputs[-1]
+def generate_step(runner: Runner, max_tokens: int | None = None) -> Iterator[int]:
+    """Yields the tokens sampled after the runner's last prefill, one at a time (row 0): max_tokens of them,
+    or forever.
 
-
-def generate_step(model, cache: InPlaceKVCache, ids: list[int], sampler: Sampler) -> Iterator[int]:
-    """Yields sampled tokens after the context ids forever. The cache must hold ids[:cache.length] (fewer
-    than len(ids)); the rest is prefilled. A yielded token is fed to the model only when the next one is
-    asked for."""
-    sampler.observe(ids)
-    logits = prefill(model, cache, ids[cache.length:])
-    device = logits.device
-    while True:
-        token = sampler(logits)
-        yield token
-        logits = model(torch.tensor([[token]], device=device), cache)[0]
+    The device runs runner.lookahead steps ahead: token t is read while the step that feeds it is already
+    queued (never a step past max_tokens). When the iteration ends early (a stop found in token t, close(),
+    KeyboardInterrupt), the steps queued past it are taken back: the cache ends after the token before the
+    last one yielded (which is never fed, as in an unpipelined run), and the RNG is put back to where the
+    first unread draw began."""
+    base, read, issued = runner.length, 0, 1
+    rng, pending = deque(), deque()
+    try:
+        rng.append(runner.rng_state())
+        pending.append(runner.sample())
+        while True:
+            while len(pending) <= runner.lookahead and (max_tokens is None or issued < max_tokens):
+                rng.append(runner.rng_state())
+                pending.append(runner.step())
+                issued += 1
+            if not pending:
+                return
+            token = runner.read(pending.popleft())[0]
+            rng.popleft()
+            read += 1
+            yield token
+    finally:
+        runner.truncate(min(runner.length, base + max(read - 1, 0)))
+        if rng and rng[0] is not None:
+            runner.set_rng_state(rng[0])
 
 
 class TextStream:

@@ -47,55 +47,59 @@ class SamplingParams:
 
 
 class Sampler:
-    """Turns last-position logits into a token: repetition penalty, then temperature, top-k, top-p, min-p."""
+    """Turns last-position logits [B, vocab] into tokens [B] on their device, with no host read: repetition
+    penalty, then temperature, top-k, top-p, min-p. Its state (the tokens seen, for the penalty, and the RNG)
+    lives on the device too, so a CUDA graph can capture a call."""
 
-    def __init__(self, params: SamplingParams, vocab_size: int, device: torch.device,
-                 generator: torch.Generator | None = None):
-        """generator: one to draw from as it is (a session's, which lives across calls); by default a new
-        one seeded with params.seed."""
+    def __init__(self, params: SamplingParams, seen: torch.Tensor, generator: torch.Generator):
+        """seen: bool [B, vocab], the tokens each row has seen, updated in place; generator: the one to draw from."""
         self.params = params
-        self.generator = generator if generator is not None else new_generator(device, params.seed)
-        self.seen = torch.zeros(vocab_size, dtype=torch.bool, device=device)
+        self.seen = seen
+        self.generator = generator
 
-    def observe(self, token_ids) -> None:
-        """Marks tokens (prompt and generated) for the repetition penalty."""
-        self.seen[torch.as_tensor(token_ids, dtype=torch.long, device=self.seen.device)] = True
-
-    def __call__(self, logits: torch.Tensor) -> int:
+    def __call__(self, logits: torch.Tensor) -> torch.Tensor:
         p = self.params
-        logits = logits[: self.seen.shape[0]].float()
+        logits = logits[:, : self.seen.shape[-1]].float()
         if p.repetition_penalty != 1.0:
             penalised = torch.where(logits < 0, logits * p.repetition_penalty, logits / p.repetition_penalty)
             logits = torch.where(self.seen, penalised, logits)
         if p.temperature == 0:
-            token = int(logits.argmax())
+            tokens = logits.argmax(-1)
         else:
-            token = int(torch.multinomial(self.probabilities(logits), 1, generator=self.generator))
-        self.seen[token] = True
-        return token
+            # Exponential race, as torch.multinomial draws one sample (same tokens for the same generator state),
+            # minus its host-side checks of the distribution: they would read the device.
+            probs = self.probabilities(logits)
+            race = torch.empty_like(probs).exponential_(1, generator=self.generator)
+            tokens = (probs / race).argmax(-1)
+        self.seen.scatter_(1, tokens[:, None], True)
+        return tokens
 
     def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
-        """The distribution sampled from, after temperature and the top-k / top-p / min-p filters."""
+        """The distributions [B, vocab] sampled from, after temperature and the top-k / top-p / min-p filters."""
         p = self.params
         logits = logits / p.temperature
         if 0 < p.top_k < logits.shape[-1]:
-            kth = torch.topk(logits, p.top_k).values[-1]
+            kth = torch.topk(logits, p.top_k).values[:, -1:]
             logits = logits.masked_fill(logits < kth, -math.inf)
         if p.top_p < 1.0:
             sorted_logits, order = torch.sort(logits, descending=True)
             cumulative = torch.softmax(sorted_logits, -1).cumsum(-1)
             drop = cumulative - torch.softmax(sorted_logits, -1) >= p.top_p  # mass before this token already covers top_p
-            logits = logits.masked_fill(torch.zeros_like(drop).scatter(0, order, drop), -math.inf)
+            logits = logits.masked_fill(torch.zeros_like(drop).scatter(-1, order, drop), -math.inf)
         if p.min_p > 0.0:
             probs = torch.softmax(logits, -1)
-            logits = logits.masked_fill(probs < p.min_p * probs.max(), -math.inf)
+            logits = logits.masked_fill(probs < p.min_p * probs.amax(-1, keepdim=True), -math.inf)
         return torch.softmax(logits, -1)
 
 
 def new_generator(device: torch.device, seed: int | None) -> torch.Generator:
-    generator = torch.Generator(device=device)
+    return seed_generator(torch.Generator(device=device), seed)
+
+
+def seed_generator(generator: torch.Generator, seed: int | None) -> torch.Generator:
+    """Seeds generator with seed, or with fresh entropy for None (the default seed would be a constant)."""
     if seed is None:
-        generator.seed()  # fresh entropy; the default seed would be a constant
+        generator.seed()
     else:
         generator.manual_seed(seed)
     return generator

@@ -12,7 +12,8 @@ from fachat.cache.kv_cache import InPlaceKVCache  # noqa: E402
 from fachat.engine.engine import Engine  # noqa: E402
 from fachat.engine.generate import Generation, GenerationStats  # noqa: E402
 from fachat.engine.sampling import SamplingParams  # noqa: E402
-from fachat.engine.session import Session, Snapshot  # noqa: E402
+from fachat.engine.session import Session  # noqa: E402
+from fachat.engine.state import Snapshot  # noqa: E402
 from fachat.errors import (CacheMemoryError, CheckpointError, ContextLengthError, CorruptModelError, FachatError,  # noqa: E402
                            ModelLoadError, ModelNotFoundError, UnsupportedModelError)
 from fachat.kernels.dispatch import decode_attention, prefill_attention  # noqa: E402

@@ -10,7 +10,6 @@ from types import ModuleType
 import torch
 from torch import nn
 
-from fachat.cache.kv_cache import InPlaceKVCache
 from fachat.models.config import ModelArgs, rope_inv_freq
 
 
@@ -23,27 +22,17 @@ class FusedLinear(nn.Linear):
 
 
 class RMSNorm(nn.Module):
+    """Holds the weight; the math is the backend's rms_norm (fused with the residual add)."""
+
     def __init__(self, dim: int, eps: float):
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Normalise in float32, as the reference implementation does for half types.
-        h = x.float()
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * h.to(x.dtype)
-
-
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
-
 
 class Attention(nn.Module):
     def __init__(self, args: ModelArgs, layer: int):
         super().__init__()
-        self.layer = layer
         self.n_heads, self.n_kv_heads, self.head_dim = args.num_attention_heads, args.num_key_value_heads, args.head_dim
         self.window = args.layer_windows[layer]
         q_size, kv_size = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
@@ -51,20 +40,15 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(q_size, args.hidden_size, bias=args.o_bias)
         self.scale = self.head_dim ** -0.5
 
-    def forward(self, x, cos, sin, cache: InPlaceKVCache, start: int, attn: ModuleType):
+    def forward(self, x, positions, kv_len, k_cache, v_cache, rope, attn: ModuleType):
+        """x [B, L, hidden] at positions [B, L]; writes their K/V there, attends over kv_len [B] positions."""
         B, L, _ = x.shape
-        q, k, v = self.qkv_proj(x).split(self.qkv_proj.output_sizes, dim=-1)
-        q = q.view(B, L, self.n_heads, self.head_dim).transpose(1, 2)
-        k = k.view(B, L, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        v = v.view(B, L, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        q = q * cos + rotate_half(q) * sin
-        k = k * cos + rotate_half(k) * sin
-        k_buf, v_buf = cache.write(self.layer, start, k, v)
+        q = attn.rope_write(self.qkv_proj(x), *rope, positions, k_cache, v_cache, self.n_heads, self.n_kv_heads)
         if L == 1:
-            o = attn.decode_attention(q[:, :, 0], k_buf, v_buf, start + 1, scale=self.scale, window=self.window)
+            o = attn.decode_attention(q[:, :, 0], k_cache, v_cache, kv_len, scale=self.scale, window=self.window)
             o = o.reshape(B, 1, -1)
         else:
-            o = attn.prefill_attention(q, k_buf, v_buf, start + L, scale=self.scale, window=self.window)
+            o = attn.prefill_attention(q, k_cache, v_cache, kv_len, scale=self.scale, window=self.window)
             o = o.transpose(1, 2).reshape(B, L, -1)
         return self.o_proj(o)
 
@@ -75,9 +59,8 @@ class MLP(nn.Module):
         self.gate_up_proj = FusedLinear(args.hidden_size, [args.intermediate_size] * 2, bias=args.mlp_bias)
         self.down_proj = nn.Linear(args.intermediate_size, args.hidden_size, bias=args.mlp_bias)
 
-    def forward(self, x):
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-        return self.down_proj(nn.functional.silu(gate) * up)
+    def forward(self, x, attn: ModuleType):
+        return self.down_proj(attn.silu_mul(self.gate_up_proj(x)))
 
 
 class DecoderLayer(nn.Module):
@@ -88,9 +71,16 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
 
-    def forward(self, x, cos, sin, cache, start, attn):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, start, attn)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward(self, h, residual, positions, kv_len, k_cache, v_cache, rope, attn):
+        """The residual stream is residual + h (the last sublayer's output): each norm adds it in, fused."""
+        if residual is None:
+            x, residual = attn.rms_norm(h, self.input_layernorm.weight, self.input_layernorm.eps), h
+        else:
+            x, residual = attn.rms_norm(h, self.input_layernorm.weight, self.input_layernorm.eps, residual)
+        h = self.self_attn(x, positions, kv_len, k_cache, v_cache, rope, attn)
+        norm = self.post_attention_layernorm
+        x, residual = attn.rms_norm(h, norm.weight, norm.eps, residual)
+        return self.mlp(x, attn), residual
 
 
 class LlamaModel(nn.Module):
@@ -123,25 +113,30 @@ class LlamaForCausalLM(nn.Module):
         if self.args.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
 
-    def rope(self, start: int, length: int, dtype: torch.dtype):
-        pos = torch.arange(start, start + length, device=self.inv_freq.device, dtype=torch.float32)
+    def rope_table(self, length: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sin [length, head_dim] of dtype for positions 0..length-1, indexed by position in forward."""
+        pos = torch.arange(length, device=self.inv_freq.device, dtype=torch.float32)
         freqs = torch.outer(pos, self.inv_freq)
         emb = torch.cat((freqs, freqs), dim=-1)
         return emb.cos().to(dtype), emb.sin().to(dtype)
 
-    # Inference mode: ~20% less time per decode step than no_grad (tiny model, CPU). Growth inside it is safe:
-    # the cache allocates its buffers outside it (kv_cache._buffer), so no state a session keeps is an inference tensor.
+    # Inference mode: ~20% less time per decode step than no_grad (tiny model, CPU). The cache's buffers are
+    # allocated outside it (kv_cache._buffer), so no state a session keeps is an inference tensor.
     @torch.inference_mode()
-    def forward(self, input_ids: torch.Tensor, cache: InPlaceKVCache, all_logits: bool = False) -> torch.Tensor:
-        """Runs input_ids [B, L] after the cache's current length; returns float32 logits
-        [B, L, vocab] if all_logits else [B, vocab] for the last position."""
-        B, L = input_ids.shape
-        start = cache.length
-        cache.reserve(start + L)
-        h = self.model.embed_tokens(input_ids)
-        cos, sin = self.rope(start, L, h.dtype)
-        for layer in self.model.layers:
-            h = layer(h, cos, sin, cache, start, self.attn)
-        cache.advance(L)
-        h = self.model.norm(h if all_logits else h[:, -1])
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, k_cache: list[torch.Tensor],
+                v_cache: list[torch.Tensor], rope: tuple[torch.Tensor, torch.Tensor],
+                all_logits: bool = False) -> torch.Tensor:
+        """Runs input_ids [B, L] at positions[b] + 0..L-1 (positions: int64 [B], on the device), writing their
+        K/V into the per-layer capacity buffers k_cache / v_cache [B, Hkv, capacity, D]. rope: rope_table's
+        cos and sin. Returns float32 logits [B, L, vocab] if all_logits else [B, vocab] for the last position.
+        Tensors only, no host reads: the decode step can be captured in a CUDA graph."""
+        L = input_ids.shape[1]
+        token_positions = positions[:, None] + torch.arange(L, device=positions.device)
+        kv_len = (positions + L).to(torch.int32)  # once here, not per layer in the attention kernels
+        h, residual = self.model.embed_tokens(input_ids), None
+        for layer, k, v in zip(self.model.layers, k_cache, v_cache):
+            h, residual = layer(h, residual, token_positions, kv_len, k, v, rope, self.attn)
+        if not all_logits:
+            h, residual = h[:, -1], residual[:, -1]
+        h, _ = self.attn.rms_norm(h, self.model.norm.weight, self.model.norm.eps, residual)
         return self.lm_head(h).float()

@@ -20,7 +20,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 import fachat
-from fachat.cache import checkpoint
+from fachat.engine import persistence
 from fachat.errors import CheckpointError
 from conftest import derive_seed
 from test_session import (MODES, InterruptAt, Logits, assert_cache_holds, assert_exact, randint, random_prompt,
@@ -81,13 +81,13 @@ def test_file_holds_the_live_kv_and_a_small_header(eng, gen, seed, tmp_path):
     assert os.path.getsize(path) == 8 + header_len + cache.live_nbytes + undo_bytes, "more than the live K/V"
     assert cache.capacity > cache.length and header_len < 32 << 10
     assert (meta["format"], meta["version"], meta["length"], meta["dtype"]) == (
-        "fa-chat session", checkpoint.VERSION, cache.length, "float32")
+        "fa-chat session", persistence.VERSION, cache.length, "float32")
     assert set(meta["model"]) == {"architecture", "config_sha256", "weights_sha256", "source"}
     assert meta["tokens"] == session.tokens and meta["messages"] == session.messages
     assert meta["sampling"] == {"temperature": 1.0, "top_k": 0, "top_p": 1.0, "min_p": 0.0, "repetition_penalty": 1.0,
                                 "seed": seed, "max_new_tokens": 6, "stop": []}
     assert meta["model"]["architecture"] == "LlamaForCausalLM" and meta["rng"]["device"] == "cpu"
-    info = checkpoint.read_checkpoint_info(path)
+    info = persistence.read_checkpoint_info(path)
     assert info.model_source == os.path.abspath(eng.source) and info.length == cache.length
     assert info.dtype == torch.float32
 
@@ -217,7 +217,7 @@ def test_a_save_that_fails_midway_leaves_the_old_file(eng, gen, seed, tmp_path, 
         f.write(old[: randint(gen, 1, len(old) - 1)])  # part of a file, then the failure
         raise failure
 
-    monkeypatch.setattr(checkpoint, "_write_safetensors", failing_write)
+    monkeypatch.setattr(persistence, "_write_safetensors", failing_write)
     with pytest.raises(type(failure)) as info:
         session.save(path)
     assert isinstance(failure, KeyboardInterrupt) or str(path) in str(info.value)
@@ -232,11 +232,11 @@ def test_a_save_that_fails_midway_leaves_the_old_file(eng, gen, seed, tmp_path, 
 KILLED_SAVE = r"""
 import os, signal, sys
 import torch
-from fachat.cache import checkpoint
+from fachat.engine import persistence
 
 os.fsync = lambda fd: os.kill(os.getpid(), signal.SIGKILL)  # killed with the temp file written, before the rename
 kv = [torch.ones(1, 2, 3, 4)]
-checkpoint.save_checkpoint(sys.argv[1], kv, kv, kv, kv, {"tokens": [1, 2, 3]})
+persistence.save_checkpoint(sys.argv[1], kv, kv, kv, kv, {"tokens": [1, 2, 3]})
 """
 
 
@@ -413,7 +413,7 @@ DAMAGES = {
     "not-json": (edited(lambda m, e: None, text="{'tokens': [1, 2"), "not valid JSON"),
     "json-not-object": (edited(lambda m, e: None, text="[1, 2, 3]"), "not a fa-chat session"),
     "other-format": (edited(set_("format", "something else")), "not a fa-chat session"),
-    "future-version": (edited(set_("version", checkpoint.VERSION + 1)), f"unknown format version {checkpoint.VERSION + 1}"),
+    "future-version": (edited(set_("version", persistence.VERSION + 1)), f"unknown format version {persistence.VERSION + 1}"),
     "missing-key": (edited(lambda m, e: m.pop("tokens")), "lacks 'tokens'"),
     "wrong-type": (edited(set_("length", "12")), "'length' must be an int"),
     "tokens-vs-length": (edited(set_("tokens", lambda m, e: m["tokens"][:-2])), "do not match the cache length"),

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from fachat import Engine
+from fachat.engine.runner import Runner
 
 
 def fa_chat(*args, stdin: str = "", timeout: float = 120, **run):
@@ -97,20 +98,19 @@ def test_ctrl_c_during_the_prefill_of_raw_text_returns_to_the_prompt(untemplated
     REPL goes on, a one-shot run exits 130 with no traceback, and the context keeps the prefilled part,
     with the K/V of a fresh prefill of it."""
     from fachat.cli import main as cli
-    from fachat.engine import session as session_module
 
     path = untemplated_dir
     engine = Engine.load(path, device="cpu", dtype="float32")
     words = ["the", "quick", "brown", "fox", "jumps", "over", "a", "lazy", "dog", "while", "it", "rains"]
     rng = random.Random(seed)
     text = " ".join(rng.choice(words) for _ in range(rng.randint(20, 40)))
-    real_prefill = session_module.prefill
+    real_prefill = Runner.prefill
 
-    def cut_short(model, cache, ids):
-        real_prefill(model, cache, ids[: len(ids) // 2])
+    def cut_short(runner, ids, all_logits=False):
+        real_prefill(runner, ids[: len(ids) // 2])
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(session_module, "prefill", cut_short)
+    monkeypatch.setattr(Runner, "prefill", cut_short)
     session = engine.session(max_new_tokens=4, temperature=0)
     try:
         answer = cli.stream_answer(session, text, verbose=False)
@@ -122,16 +122,16 @@ def test_ctrl_c_during_the_prefill_of_raw_text_returns_to_the_prompt(untemplated
     assert 0 < session.cache.length < len(ids) - 1
     assert session.tokens == ids[: session.cache.length + 1]
     fresh = engine.new_cache()
-    real_prefill(engine.model, fresh, session.tokens[: session.cache.length])
+    real_prefill(Runner(engine.model, fresh), session.tokens[: session.cache.length])
     for layer in range(len(fresh.k)):
         for x, y in zip(session.cache.views(layer), fresh.views(layer)):
             torch.testing.assert_close(x, y)
 
-    monkeypatch.setattr(session_module, "prefill", real_prefill)
+    monkeypatch.setattr(Runner, "prefill", real_prefill)
     gen = cli.stream_answer(session, " and then", verbose=False)
     assert gen.finish_reason in ("length", "stop") and gen.stats.new_tokens > 0
 
-    monkeypatch.setattr(session_module, "prefill", cut_short)
+    monkeypatch.setattr(Runner, "prefill", cut_short)
     assert cli.main(["--model", str(path), "--device", "cpu", "--prompt", text]) == 130
     err = capsys.readouterr().err
     assert "[interrupted]" in err and "Traceback" not in err

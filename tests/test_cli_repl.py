@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from fachat import Engine
-from fachat.engine.generate import prefill
+from fachat.engine.runner import Runner
 
 pexpect = pytest.importorskip("pexpect", reason="pexpect drives the REPL through a pseudo-terminal")
 
@@ -157,7 +157,7 @@ def test_ctrl_c_stops_the_answer_and_the_session_stays_consistent(tmp_path, smol
     assert all(m["content"] for m in session.messages)
     assert len(session.tokens) < tokens + 1000, "the second answer was not cut short"
     fresh = engine.new_cache()
-    prefill(engine.model, fresh, session.tokens[: session.cache.length])
+    Runner(engine.model, fresh).prefill(session.tokens[: session.cache.length])
     for layer in range(len(fresh.k)):
         for x, y in zip(session.cache.views(layer), fresh.views(layer)):
             torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-4)

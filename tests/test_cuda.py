@@ -3,6 +3,7 @@ backend against the reference backend end to end."""
 from __future__ import annotations
 
 import copy
+import json
 import os
 import subprocess
 import sys
@@ -13,7 +14,7 @@ import torch
 
 from conftest import derive_seed
 from fachat import Engine
-from fachat.engine.generate import PREFILL_CHUNK, prefill
+from fachat.engine.runner import GRAPHS_ENV, PREFILL_CHUNK, Runner
 from fachat.kernels.dispatch import BACKEND_ENV
 from test_models_tiny import rel_err
 from test_session import Logits, assert_exact, randint, random_prompt
@@ -92,10 +93,10 @@ def load_pair(path, dtype, monkeypatch):
 
 def step_logits(engine, ids, n_prompt):
     """Logits after a chunked prefill of ids[:n_prompt], then after each later id fed one decode step at a time."""
-    cache = engine.new_cache()
-    out = [prefill(engine.model, cache, ids[:n_prompt])]
+    runner = Runner(engine.model, engine.new_cache(), graphs=False)
+    out = [runner.prefill(ids[:n_prompt])]
     for t in ids[n_prompt:]:
-        out.append(engine.model(torch.tensor([[t]], device="cuda"), cache)[0])
+        out.append(runner.prefill([t]))
     return torch.stack(out)
 
 
@@ -117,8 +118,9 @@ def test_triton_backend_bfloat16_logits_close(head64_models, variant, monkeypatc
     backend's float32 logits as truth (independent of the kernels under test): the triton backend is
     about as close to them as the reference backend is (both some 3e-2 to 1.5e-1 of the largest logit
     off on these random models), and closer to the reference backend than that. Over 150 random models
-    on an H100 the two ratios to the reference's error peaked at 1.30 and 0.62; with decode's scores
-    scaled by 1.05, every one of 10 models broke the second bound (1.36 to 2.74)."""
+    on an H100 the two ratios to the reference's error peaked at 1.30 and 0.62 with unfused layer ops; with
+    the fused ones (float32 inside each kernel, so other roundings), 26 models on an H200 peaked at 1.61 and
+    0.76. With decode's scores scaled by 1.05, every one of 10 models broke the second bound (1.36 to 2.74)."""
     pytest.importorskip("triton", reason="the triton backend needs triton")
     path = head64_models(variant)
     triton, reference = load_pair(path, "bfloat16", monkeypatch)
@@ -133,7 +135,7 @@ def test_triton_backend_bfloat16_logits_close(head64_models, variant, monkeypatc
     msg = (f"{variant}: vs float32 triton {err_triton:.2e}, reference {err_ref:.2e}; between {err_between:.2e}; "
            f"seed={seed}")
     print(msg)
-    assert err_triton < 1.5 * err_ref + 5e-3 and err_between < err_ref + 5e-3, msg
+    assert err_triton < 2 * err_ref + 5e-3 and err_between < err_ref + 5e-3, msg
 
 
 def test_verbose_cli_names_the_backend(head64_models):
@@ -151,10 +153,12 @@ def test_verbose_cli_names_the_backend(head64_models):
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_session_resumes_exactly_on_the_device(head64_models, dtype, gen, seed, tmp_path):
+def test_session_resumes_exactly_on_the_device(head64_models, dtype, gen, seed, tmp_path, monkeypatch):
     """Within one device and dtype (the auto backend: triton where installed): stop a sampled run after a
     random number of tokens, save, load into a new session, continue: the unbroken run's tokens and
-    bit-identical logits."""
+    bit-identical logits. Eager steps, whose logits a hook can see (test_resume_in_a_new_process_with_graphs
+    covers graphs)."""
+    monkeypatch.setenv(GRAPHS_ENV, "0")
     engine = Engine.load(head64_models("llama"), device="cuda", dtype=dtype)
     engine.tokenizer.eos_token_ids = []  # runs of known length
     n, prompt = 32, random_prompt(engine, gen)
@@ -175,6 +179,54 @@ def test_session_resumes_exactly_on_the_device(head64_models, dtype, gen, seed, 
     label = f"{dtype} {engine.attention_backend}, saved after {k} tokens; seed={seed}"
     assert resumed.tokens == whole.tokens, label
     assert_exact(before.rows + after.rows, ref.rows, label)
+
+
+def test_cuda_graphs_give_the_eager_tokens(head64_models, monkeypatch, gen, seed):
+    """Decode steps replayed from CUDA graphs against the same steps run eagerly, in float32: identical greedy
+    tokens, and identical sampled tokens for one seed, past a doubling of the cache (a second capture)."""
+    pytest.importorskip("triton", reason="CUDA graphs run with the triton backend")
+    path = head64_models("llama")
+    graphs = Engine.load(path, device="cuda", dtype="float32")
+    monkeypatch.setenv(GRAPHS_ENV, "0")
+    eager = Engine.load(path, device="cuda", dtype="float32")
+    assert (graphs.cuda_graphs, eager.cuda_graphs) == (True, False)
+    for engine in (graphs, eager):
+        engine.tokenizer.eos_token_ids = []  # runs of known length
+    prompt = torch.randint(3, graphs.args.vocab_size, (randint(gen, 20, 200),), generator=gen).tolist()
+    n = 300 - len(prompt) + randint(gen, 0, 100)  # past 256 positions: the cache doubles
+    sampled = dict(temperature=0.9, top_k=50, top_p=0.9, min_p=0.02, repetition_penalty=1.2, seed=seed)
+    for params in (dict(temperature=0), sampled):
+        a = graphs.generate(prompt, max_new_tokens=n, **params)
+        b = eager.generate(prompt, max_new_tokens=n, **params)
+        assert a.tokens == b.tokens, f"{params}; seed={seed}"
+    assert graphs.runner.captures >= 3 and eager.runner.captures == 0
+
+
+def test_resume_in_a_new_process_with_graphs(head64_models, gen, seed, tmp_path):
+    """A sampled session with graphs on, stopped after k tokens and saved; a new process loads it and
+    continues: the unbroken run's tokens."""
+    pytest.importorskip("triton", reason="CUDA graphs run with the triton backend")
+    path = head64_models("llama")
+    engine = Engine.load(path, device="cuda", dtype="bfloat16")
+    assert engine.cuda_graphs
+    engine.tokenizer.eos_token_ids = []
+    n, prompt = 48, random_prompt(engine, gen)
+    k = randint(gen, 1, n - 1)
+    params = dict(max_new_tokens=n, temperature=1.0, top_p=0.95, repetition_penalty=1.2, seed=seed)
+    whole = engine.session(**params)
+    whole.append(prompt)
+    whole.generate()
+    part = engine.session(**params)
+    part.append(prompt)
+    part.generate(max_new_tokens=k)
+    part.save(tmp_path / "s.safetensors")
+    script = (f"import json, sys\nfrom fachat import Engine\n"
+              f"e = Engine.load({str(path)!r}, device='cuda', dtype='bfloat16')\ne.tokenizer.eos_token_ids = []\n"
+              f"s = e.load_session(sys.argv[1])\ns.generate(max_new_tokens={n - k})\nprint(json.dumps(s.tokens))")
+    run = subprocess.run([sys.executable, "-c", script, str(tmp_path / "s.safetensors")], capture_output=True,
+                         text=True, timeout=600)
+    assert run.returncode == 0, run.stderr
+    assert json.loads(run.stdout.splitlines()[-1]) == whole.tokens, f"saved after {k}; seed={seed}"
 
 
 def test_triton_decode_workspace_reuse_stays_right(gen, seed):

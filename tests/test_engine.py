@@ -270,6 +270,15 @@ def random_params(gen):
                 min_p=u(0.01, 0.6) if pick[2] < 0.6 else 0.0)
 
 
+def make_sampler(params: dict, seen: torch.Tensor, seed: int = 0) -> Sampler:
+    """A one-row sampler; seen: bool [vocab], the tokens the repetition penalty applies to."""
+    return Sampler(SamplingParams(**params), seen[None].clone(), torch.Generator().manual_seed(seed))
+
+
+def no_tokens(vocab: int) -> torch.Tensor:
+    return torch.zeros(vocab, dtype=torch.bool)
+
+
 def test_sampler_probabilities_match_reference(gen, seed):
     V = 50
     checked = 0
@@ -278,7 +287,7 @@ def test_sampler_probabilities_match_reference(gen, seed):
         params = random_params(gen)
         if ill_conditioned(logits, **params):
             continue
-        probs = Sampler(SamplingParams(**params), V, CPU).probabilities(logits.float())
+        probs = make_sampler(params, no_tokens(V)).probabilities(logits.float()[None])[0]
         ref = torch.softmax(ref_filtered_logits(logits, **params), -1)
         msg = f"trial {trial} params={params}; seed={seed}"
         assert probs.shape == (V,) and probs.dtype == torch.float32
@@ -292,7 +301,7 @@ def test_sampler_probabilities_match_reference(gen, seed):
 def test_each_filter_actually_filters(filt, gen, seed):
     logits = torch.randn(40, generator=gen) * 2
     params = {"top_k": dict(top_k=5), "top_p": dict(top_p=0.5), "min_p": dict(min_p=0.3)}[filt]
-    probs = Sampler(SamplingParams(temperature=1.0, **params), 40, CPU).probabilities(logits)
+    probs = make_sampler(dict(temperature=1.0, **params), no_tokens(40)).probabilities(logits[None])[0]
     ref = torch.softmax(ref_filtered_logits(logits, 1.0, **{"top_k": 0, "top_p": 1.0, "min_p": 0.0, **params}), -1)
     assert 0 < int((probs > 0).sum()) < 40
     if filt == "top_k":
@@ -301,66 +310,91 @@ def test_each_filter_actually_filters(filt, gen, seed):
 
 
 def ref_penalized(logits, seen, penalty):
-    x = logits.double().clone()
-    for t in seen:
-        x[t] = x[t] / penalty if x[t] > 0 else x[t] * penalty
-    return x
+    """transformers' repetition penalty in float64: seen (bool [..., vocab]) logits divided by the penalty
+    when positive, multiplied when negative."""
+    x = logits.double()
+    return torch.where(seen, torch.where(x > 0, x / penalty, x * penalty), x)
 
 
 def test_repetition_penalty(gen, seed):
     V = 30
     penalty = float(torch.empty(1).uniform_(1.1, 2.5, generator=gen))
-    sampler = Sampler(SamplingParams(temperature=1.0, repetition_penalty=penalty, seed=seed), V, CPU)
-    seen = sorted(set(torch.randint(0, V, (8,), generator=gen).tolist()))
-    sampler.observe(seen)
+    seen = torch.rand(V, generator=gen) < 0.3
+    sampler = make_sampler(dict(temperature=1.0, repetition_penalty=penalty), seen, seed)
     captured = []
     real = sampler.probabilities
-    sampler.probabilities = lambda x: captured.append(x.clone()) or real(x)
+    sampler.probabilities = lambda x: captured.append(x[0].clone()) or real(x)
     logits = torch.randn(V, generator=gen) * 3
-    token = sampler(logits)
+    token = int(sampler(logits[None])[0])
     assert torch.allclose(captured[0].double(), ref_penalized(logits, seen, penalty), atol=1e-6), \
-        f"penalty={penalty} seen={seen}; seed={seed}"
+        f"penalty={penalty} seen={seen.nonzero().flatten().tolist()}; seed={seed}"
     # the sampled token counts as seen from now on
-    sampler(logits)
-    assert torch.allclose(captured[1].double(), ref_penalized(logits, sorted(set(seen) | {token}), penalty),
-                          atol=1e-6)
+    sampler(logits[None])
+    seen[token] = True
+    assert torch.allclose(captured[1].double(), ref_penalized(logits, seen, penalty), atol=1e-6)
 
 
 def test_repetition_penalty_changes_greedy_choice(gen, seed):
     V = 10
-    logits = torch.full((V,), -5.0)
-    logits[3], logits[7], logits[5] = 2.0, 1.7, -0.5  # 3 leads, but it was seen: 2.0 / 1.5 < 1.7
-    sampler = Sampler(SamplingParams(temperature=0, repetition_penalty=1.5), V, CPU)
-    sampler.observe([3, 5])
-    assert sampler(logits) == 7
-    assert sampler(logits) == 3  # 7 is now seen too: 1.7 / 1.5 < 2.0 / 1.5
-    no_penalty = Sampler(SamplingParams(temperature=0), V, CPU)
-    no_penalty.observe([3])
-    assert no_penalty(logits) == 3
+    logits = torch.full((1, V), -5.0)
+    logits[0, 3], logits[0, 7], logits[0, 5] = 2.0, 1.7, -0.5  # 3 leads, but it was seen: 2.0 / 1.5 < 1.7
+    seen = no_tokens(V)
+    seen[[3, 5]] = True
+    sampler = make_sampler(dict(temperature=0, repetition_penalty=1.5), seen)
+    assert sampler(logits).tolist() == [7]
+    assert sampler(logits).tolist() == [3]  # 7 is now seen too: 1.7 / 1.5 < 2.0 / 1.5
+    assert make_sampler(dict(temperature=0), seen).__call__(logits).tolist() == [3]
 
 
-@pytest.mark.parametrize("params", [dict(), dict(top_k=3), dict(top_p=0.7, temperature=0.8), dict(min_p=0.2)])
-def test_sampling_frequencies(params, gen, seed):
-    V, N = 8, 12000
-    full = dict(temperature=1.0, top_k=0, top_p=1.0, min_p=0.0)
-    full.update(params)
-    while True:  # a distribution whose probabilities are not right at a filter's threshold
-        logits = torch.distributions.Dirichlet(torch.full((V,), 2.0)).sample().log()
-        if not ill_conditioned(logits, **full, margin=1e-3):
+def test_greedy_is_the_float64_argmax(gen, seed):
+    """Greedy with a repetition penalty, 16 rows at once: the argmax of the float64 penalised logits."""
+    logits = torch.randn(16, 1000, generator=gen) * 3
+    seen = torch.rand(16, 1000, generator=gen) < 0.2
+    got = Sampler(SamplingParams(temperature=0, repetition_penalty=1.3), seen.clone(), torch.Generator())(logits)
+    assert torch.equal(got, ref_penalized(logits, seen, 1.3).argmax(-1)), f"seed={seed}"
+
+
+SAMPLING_CASES = {"temperature": dict(temperature=0.7), "top-k": dict(temperature=1.3, top_k=7),
+                  "top-p": dict(temperature=1.0, top_p=0.8), "min-p": dict(temperature=1.0, min_p=0.1),
+                  "all": dict(temperature=0.9, top_k=20, top_p=0.9, min_p=0.02, repetition_penalty=1.5)}
+
+
+@pytest.mark.parametrize("case", list(SAMPLING_CASES))
+def test_sampler_draws_the_float64_distribution(case, gen, seed):
+    """20,000 draws (one call over 20,000 rows, as the device sampler runs) from random logits: no token
+    outside the float64 distribution's support, and a chi-square test of the counts against it (fails at
+    p < 1e-6)."""
+    vocab, rows = 64, 20_000
+    params = dict(top_k=0, top_p=1.0, min_p=0.0, repetition_penalty=1.0) | SAMPLING_CASES[case]
+    filters = {k: params[k] for k in ("temperature", "top_k", "top_p", "min_p")}
+    while True:
+        logits = torch.randn(vocab, generator=gen) * 2.5
+        seen = torch.rand(vocab, generator=gen) < 0.3
+        penalised = ref_penalized(logits, seen, params["repetition_penalty"])
+        want = torch.softmax(ref_filtered_logits(penalised, **filters), -1)
+        # no token at a cut within float32's rounding, and a chi-square with df >= 2
+        if not ill_conditioned(penalised, **filters, margin=1e-3) and (want * rows >= 5).sum() >= 3:
             break
-    expected = torch.softmax(ref_filtered_logits(logits, **full), -1)
-    sampler = Sampler(SamplingParams(**full, seed=seed), V, CPU)
-    counts = torch.zeros(V)
-    for _ in range(N):
-        counts[sampler(logits)] += 1
-    assert (counts[expected == 0] == 0).all(), f"filtered token drawn: {counts} vs {expected}; seed={seed}"
-    live = expected > 0
-    exp_counts = expected[live].double() * N
-    chi2 = (((counts[live].double() - exp_counts) ** 2) / exp_counts).sum().item()
-    df = int(live.sum()) - 1
-    # mean df, sd sqrt(2 df): df + 10 sd + 10 is far in the tail (p < 1e-6) for df <= 7
-    assert chi2 < df + 10 * math.sqrt(2 * max(df, 1)) + 10, \
-        f"chi2={chi2:.1f} df={df} counts={counts.tolist()} expected={expected.tolist()}; seed={seed}"
+    sampler = Sampler(SamplingParams(**params), seen.expand(rows, -1).clone(), torch.Generator().manual_seed(seed))
+    draws = sampler(logits.expand(rows, -1).clone())
+    counts = torch.bincount(draws, minlength=vocab).double()
+    outside = counts[want == 0].sum()
+    assert outside == 0, f"{case}: {int(outside)} draws outside the support; seed={seed}"
+    expected = want * rows
+    # Cells: each token expected 5 times or more (the chi-square approximation needs that), and the rest
+    # pooled; a pool expected fewer than 5 times joins the first cell.
+    big = expected >= 5
+    obs = torch.cat([counts[big], (rows - counts[big].sum()).view(1)])
+    exp = torch.cat([expected[big], (rows - expected[big].sum()).view(1)])
+    if exp[-1] < 5:
+        obs, exp = obs[:-1].clone(), exp[:-1].clone()
+        obs[0] += rows - obs.sum()
+        exp[0] += rows - exp.sum()
+    chi2 = float(((obs - exp) ** 2 / exp).sum())
+    df = len(obs) - 1
+    p_value = float(torch.special.gammaincc(torch.tensor(df / 2, dtype=torch.float64), torch.tensor(chi2 / 2)))
+    assert p_value > 1e-6, f"{case}: chi2 {chi2:.1f} on {df} df, p = {p_value:.2e}; seed={seed}"
+    assert sampler.seen[torch.arange(rows), draws].all(), "the drawn tokens are not marked as seen"
 
 
 # ---------------------------------------------------------------- incremental detokenizer

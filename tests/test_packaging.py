@@ -1,6 +1,8 @@
-"""Packaging: no name in the checkout hides an installed package, and the wheel holds and imports every module."""
+"""Packaging: no name in the checkout hides an installed package, the wheel holds and imports every module, and
+fachat's modules import each other without a circle."""
 from __future__ import annotations
 
+import ast
 import importlib.metadata
 import os
 import shutil
@@ -73,3 +75,73 @@ def test_the_wheel_holds_and_imports_every_module(tmp_path):
                          capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stdout + run.stderr
     assert "imported" in run.stdout and "modules from the installed wheel" in run.stdout, run.stdout
+
+
+def fachat_modules() -> dict[str, Path]:
+    """Every module of the import package, by name, from setup.py's ROOTS (folder -> subpackage of fachat)."""
+    tree = ast.parse((ROOT / "setup.py").read_text())
+    roots = next(ast.literal_eval(node.value) for node in tree.body
+                 if isinstance(node, ast.Assign) and [t.id for t in node.targets if isinstance(t, ast.Name)] == ["ROOTS"])
+    modules = {}
+    for package, folder in roots.items():
+        for path in (ROOT / folder).rglob("*.py"):
+            parts = path.relative_to(ROOT / folder).with_suffix("").parts
+            modules[".".join([package, *parts]).removesuffix(".__init__")] = path
+    return modules
+
+
+def imported_modules(name: str, path: Path, modules: dict[str, Path]) -> set[str]:
+    """The fachat modules that module `name` imports anywhere in its source: at the top, in functions and under
+    `if TYPE_CHECKING:` alike. `from P import n` counts as importing P.n where that is a module, else P."""
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            targets = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                parent = package.rsplit(".", node.level - 1)[0]
+                base = f"{parent}.{base}".rstrip(".")
+            targets = [f"{base}.{alias.name}" if f"{base}.{alias.name}" in modules else base for alias in node.names]
+        else:
+            continue
+        for target in targets:
+            while target and target not in modules:  # import a.b.c of a function or class: its module
+                target = target.rpartition(".")[0]
+            if target and target != name:
+                found.add(target)
+    return found
+
+
+def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    """One cycle of the directed graph, as [a, b, ..., a], or None (a depth-first search)."""
+    done, path = set(), []
+
+    def visit(node: str) -> list[str] | None:
+        if node in path:
+            return path[path.index(node):] + [node]
+        if node in done:
+            return None
+        path.append(node)
+        for nxt in sorted(graph[node]):
+            cycle = visit(nxt)
+            if cycle:
+                return cycle
+        path.pop()
+        done.add(node)
+        return None
+
+    return next((c for c in map(visit, sorted(graph)) if c), None)
+
+
+def test_fachat_modules_import_each_other_without_a_circle():
+    """The modules' imports make a DAG: a circle (engine.py imports session.py, which imports engine.py, even if
+    only for type hints) ties modules that should stand in layers. A package importing its own submodules
+    (fachat/__init__.py re-exporting the API) is an edge like any other."""
+    modules = fachat_modules()
+    assert {"fachat", "fachat.engine.session", "fachat.engine.engine"} <= set(modules), sorted(modules)
+    graph = {name: imported_modules(name, path, modules) for name, path in modules.items()}
+    assert graph["fachat.engine.engine"], "no import of engine.py was found: the parsing is off"
+    cycle = find_cycle(graph)
+    assert cycle is None, "import circle: " + " -> ".join(cycle)

@@ -13,7 +13,7 @@ import torch
 
 import fachat
 from fachat.cache.kv_cache import InPlaceKVCache
-from fachat.engine.generate import prefill
+from fachat.engine.runner import Runner
 from fachat.engine.sampling import Sampler
 from fachat.models.tokenizer import Tokenizer
 
@@ -101,7 +101,7 @@ def assert_cache_holds(eng, session, label=""):
     if cache.length == 0:
         return
     fresh = eng.new_cache()
-    prefill(eng.model, fresh, tokens[:cache.length])
+    Runner(eng.model, fresh).prefill(tokens[:cache.length])
     for layer in range(len(fresh.k)):
         for x, y in zip(cache.views(layer), fresh.views(layer)):
             torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-4, msg=lambda m: f"{label}: layer {layer}: {m}")
@@ -442,7 +442,7 @@ def test_repetition_penalty_counts_the_whole_context(eng, gen, seed, monkeypatch
     real = Sampler.__call__
 
     def checking_call(self, logits):
-        checks.append(set(self.seen.nonzero().flatten().tolist()) == set(current[-1].tokens))
+        checks.append(set(self.seen[0].nonzero().flatten().tolist()) == set(current[-1].tokens))
         return real(self, logits)
 
     monkeypatch.setattr(Sampler, "__call__", checking_call)

@@ -1,6 +1,10 @@
-"""Session checkpoint files: one safetensors file with the live K/V of every layer and a JSON header.
+"""Session persistence, all in one place: the identity of the model that a session's K/V belong to, the
+checkpoint file format, the checks a file passes before it is loaded, and the conversion between a session's
+Snapshot and a file. Session.save and Session.load (and so Engine.load_session) call save_snapshot and
+load_snapshot; `fa-chat --resume` reads a file's header with read_checkpoint_info before loading its model.
 
-Layout (format version 2):
+A checkpoint is one safetensors file with the live K/V of every layer and a JSON header. Layout (format
+version 2):
 - tensors `k.{i}`, `v.{i}` for each layer i: K/V [B, Hkv, length, D] of positions [0, length), never the
   cache's spare capacity; `undo.k.{i}`, `undo.v.{i}`: [B, Hkv, undo_length, D], the K/V that undo puts back.
 - metadata key "fachat": JSON with format, version, model (architecture, source, config_sha256 of the config
@@ -11,12 +15,17 @@ Layout (format version 2):
 Saving is atomic: a temp file `.{name}.{pid}-{random}.fa-chat-tmp` in the target's folder, fsync, then
 os.replace; the temp files of writers that died mid-save are removed by the next save to the same path.
 Loading checks the whole file (header, tensor names and shapes, checksums, and that the header's fields
-agree with each other) before returning anything, and raises CheckpointError naming the file and the
-problem. Nothing is unpickled.
+agree with each other), then that it fits the engine, before returning anything, and raises CheckpointError
+naming the file and the problem. Nothing is unpickled.
+
+This module imports neither engine.py nor session.py (they import it): the engine comes in as an EngineLike.
 """
 from __future__ import annotations
 
+import base64
+import dataclasses
 import errno
+import hashlib
 import json
 import os
 import re
@@ -31,6 +40,8 @@ from typing import Any, Callable
 import torch
 from safetensors import SafetensorError, safe_open
 
+from fachat.engine.sampling import SamplingParams
+from fachat.engine.state import EngineLike, Snapshot, Turn, common_prefix
 from fachat.errors import CheckpointError
 
 FORMAT = "fa-chat session"
@@ -41,6 +52,158 @@ DTYPES = {"float32": (torch.float32, "F32"), "float16": (torch.float16, "F16"), 
 KINDS = {dict: "an object", str: "a str", int: "an int", list: "a list"}
 REQUIRED = {"model": dict, "dtype": str, "layers": int, "length": int, "undo_length": int, "tokens": list,
             "messages": list, "turns": list, "sampling": dict, "rng": dict, "crc32": dict}
+# The config fields the forward pass reads (with the rope frequencies): what the K/V and logits depend on
+# besides the weights. The rest (dtype, token ids, max_position_embeddings...) changes no math.
+MATH_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+               "num_key_value_heads", "head_dim", "rms_norm_eps", "layer_windows", "qkv_bias", "o_bias", "mlp_bias",
+               "tie_word_embeddings")
+
+
+# ------------------------------------------------------------ the model's identity
+
+
+def model_fingerprint(engine: EngineLike) -> dict[str, Any]:
+    """What identifies the model that a session's K/V belong to: a hash of the config fields the math
+    reads (MATH_FIELDS and the rope frequencies in use) and the hash of every weight value, taken as the
+    weights file was read (the same whatever dtype the engine runs). The architecture and source are
+    there to name the model in messages. Engine.fingerprint holds it, computed once per engine."""
+    config = {k: getattr(engine.args, k) for k in MATH_FIELDS} | {"rope_inv_freq": engine.model.inv_freq.tolist()}
+    source = os.path.abspath(engine.source) if os.path.exists(engine.source) else engine.source
+    return {"architecture": engine.args.architecture,
+            "config_sha256": hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest(),
+            "weights_sha256": engine.weights_sha256, "source": source}
+
+
+# ------------------------------------------------------------ sessions
+
+
+def save_snapshot(snapshot: Snapshot, path: str | os.PathLike) -> None:
+    """Writes a session's state (Session.save passes its own, uncopied) to path with save_checkpoint: the
+    live K/V, the undo history's K/V one turn after another, the tokens, messages, turns, sampling arguments
+    and RNG state, and the engine's fingerprint."""
+    keys, values, turns = snapshot.keys, snapshot.values, snapshot.turns
+    layers = range(len(keys))  # the turns' K/V tails, one after another (none: zero positions)
+    undo_keys = [torch.cat([keys[i][:, :, :0], *(t.keys[i] for t in turns)], dim=2) for i in layers]
+    undo_values = [torch.cat([values[i][:, :, :0], *(t.values[i] for t in turns)], dim=2) for i in layers]
+    system = [] if snapshot.system is None else [("system", snapshot.system)]
+    save_checkpoint(path, list(keys), list(values), undo_keys, undo_values, {
+        "model": snapshot.engine.fingerprint,
+        "tokens": list(snapshot.tokens),
+        "messages": [{"role": r, "content": c} for r, c in system + list(snapshot.conversation)],
+        "turns": [{"messages": t.messages, "start": t.start, "tokens": list(t.tokens), "kv": t.kv} for t in turns],
+        "sampling": dataclasses.asdict(snapshot.params),
+        # The session's generator is always made on the engine's device.
+        "rng": {"device": snapshot.engine.device.type,
+                "state": base64.b64encode(snapshot.rng_state.numpy().tobytes()).decode()},
+    })
+
+
+def load_snapshot(engine: EngineLike, path: str | os.PathLike, convert_dtype: bool = False) -> Snapshot:
+    """The state of a session saved with save_snapshot, for Session to restore. Raises CheckpointError, naming
+    the file and the problem, if it is unreadable, corrupt, inconsistent, of another model, or of another dtype
+    (unless convert_dtype: the K/V are converted)."""
+    ckpt = load_checkpoint(path, check=lambda info: _check_compatible(engine, info, convert_dtype))
+    meta = ckpt.info.meta
+    system, conversation = _split_system(meta["messages"])
+
+    def to_engine(ts):
+        return tuple(t.to(engine.device, engine.dtype) for t in ts)
+
+    turns, offset = [], 0
+    for t in meta["turns"]:
+        part = [tuple(u.narrow(2, offset, t["kv"]) for u in undo) for undo in (ckpt.undo_keys, ckpt.undo_values)]
+        turns.append(Turn(t["messages"], t["start"], tuple(t["tokens"]), to_engine(part[0]), to_engine(part[1])))
+        offset += t["kv"]
+    # The live K/V only pass through: the cache copies them onto its device, so they get the dtype alone.
+    return Snapshot(engine, tuple(meta["tokens"]), system,
+                    tuple((m["role"], m["content"]) for m in conversation), tuple(turns),
+                    SamplingParams(**meta["sampling"]), _decode_rng(meta["rng"]),
+                    tuple(t.to(dtype=engine.dtype) for t in ckpt.keys),
+                    tuple(t.to(dtype=engine.dtype) for t in ckpt.values), None)
+
+
+def _split_system(messages: list[dict]) -> tuple[str | None, list[dict]]:
+    """(the system prompt or None, the conversation after it)."""
+    system = messages[0]["content"] if messages and messages[0]["role"] == "system" else None
+    return system, messages[1:] if system is not None else messages
+
+
+def _decode_rng(rng: dict) -> torch.Tensor | None:
+    try:
+        raw = base64.b64decode(rng.get("state"), validate=True)
+    except (TypeError, ValueError):
+        return None
+    return torch.frombuffer(bytearray(raw), dtype=torch.uint8)
+
+
+def _check_compatible(engine: EngineLike, info: CheckpointInfo, convert_dtype: bool) -> None:
+    """Raises CheckpointError unless the checkpoint fits this engine: model, dtype, shapes, vocabulary,
+    context length, sampling arguments, RNG, and tokens that hold what the chat template makes of the messages."""
+    def bad(problem: str):
+        raise CheckpointError(f"{info.path}: {problem}")
+
+    meta, ours, a = info.meta, engine.fingerprint, engine.args
+    saved = meta["model"]
+    if any(saved.get(k) != ours[k] for k in ("config_sha256", "weights_sha256")):
+        bad(f"it was saved with another model ({saved.get('architecture')} from {saved.get('source')}); "
+            f"this engine runs {ours['architecture']} from {ours['source']}")
+    if meta["dtype"] != dtype_name(engine.dtype) and not convert_dtype:
+        bad(f"its K/V are {meta['dtype']} but the engine runs {dtype_name(engine.dtype)}; "
+            "load it with convert_dtype=True (fa-chat: --convert-dtype) to convert them")
+    if meta["layers"] != a.num_hidden_layers or info.kv_shape != (1, a.num_key_value_heads, a.head_dim):
+        bad(f"its K/V are {meta['layers']} layers of [B, Hkv, D] = {list(info.kv_shape)}; the model has "
+            f"{a.num_hidden_layers} layers of [1, {a.num_key_value_heads}, {a.head_dim}]")
+    tokens = meta["tokens"] + [x for t in meta["turns"] for x in t["tokens"]]
+    if any(t >= a.vocab_size for t in tokens):
+        bad(f"token id {max(tokens)} is out of range for the vocabulary of {a.vocab_size}")
+    longest = max([len(meta["tokens"])] + [t["start"] + len(t["tokens"]) for t in meta["turns"]])
+    if longest > engine.max_seq_len:
+        bad(f"it holds a context of {longest} tokens but the engine's max_seq_len is {engine.max_seq_len}")
+    try:
+        SamplingParams(**meta["sampling"])
+    except (TypeError, ValueError) as e:
+        bad(f"its sampling arguments are invalid: {e}")
+    rng = meta["rng"]
+    if rng.get("device") != engine.device.type:
+        bad(f"its sampler RNG state is for a {rng.get('device')!r} generator; this engine runs on "
+            f"{engine.device.type}, whose generator cannot take it")
+    try:  # on a scratch generator: setting a state is the one full check of it
+        torch.Generator(engine.device).set_state(_decode_rng(rng))
+    except (TypeError, ValueError, RuntimeError) as e:
+        bad(f"its sampler RNG state is malformed: {e}")
+    _check_rendering(engine, meta, bad)
+
+
+def _check_rendering(engine: EngineLike, meta: dict, bad) -> None:
+    """The tokens begin with the chat template's rendering of the messages before the last answer, as the
+    last chat turn made them: all of it once the answer began, else up to the turn's first uncached token at
+    least (a prefill cut short, raw text appended after it). Only the system prompt may differ: a new one takes
+    effect at the next chat turn, so the tokens may hold an older one, or none."""
+    system, conversation = _split_system(meta["messages"])
+    if not conversation or not engine.tokenizer.chat_template:
+        return  # no chat turn (raw text, or reset): nothing rendered to compare with
+
+    def render(system: str | None) -> list[int]:
+        head = [] if system is None else [{"role": "system", "content": system}]
+        return engine.tokenizer.apply_chat_template(head + conversation[:-1], add_generation_prompt=True)
+
+    try:
+        prompt = render(system)
+        kept = len(prompt) if conversation[-1]["content"] else meta["turns"][-1]["start"] + 1
+        tokens = meta["tokens"][:kept]
+        differ = common_prefix(tokens, prompt)
+        if differ == min(len(tokens), len(prompt)):
+            return
+        other = render((system or "") + ".")
+    except ValueError:
+        return  # a template that rejects these messages: the session could not chat on either, nothing to check
+    # The system prompt's part of the rendering: what another system prompt changes, seen from either end.
+    if differ > max(common_prefix(prompt, other), len(prompt) - common_prefix(prompt[::-1], other[::-1])):
+        bad(f"its tokens differ from the chat template's rendering of its messages at token {differ}, "
+            "after the system prompt: the messages or the tokens were edited")
+
+
+# ------------------------------------------------------------ the file format
 
 
 def dtype_name(dtype: torch.dtype) -> str:
