@@ -61,7 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--dtype", default="auto", help="auto, float32, float16 or bfloat16")
     r.add_argument("--max-seq-len", type=int_at_least(2),
                    help="context length; presets the KV cache (default: the model's)")
-    p.add_argument("--verbose", action="store_true", help="print stats after each answer and the attention backend")
+    p.add_argument("--verbose", action="store_true", help="print stats after each answer, the attention backend and whether CUDA graphs run")
     return p
 
 
@@ -248,6 +248,7 @@ def main(argv: list[str] | None = None) -> int:
               f"in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
         if args.verbose:
             print(f"attention backend: {engine.attention_backend} ({engine.attention_backend_reason})", file=sys.stderr)
+            print(f"CUDA graphs: {'on' if engine.cuda_graphs else 'off'} ({engine.cuda_graphs_reason})", file=sys.stderr)
         if args.resume:
             session = engine.load_session(args.resume, args.convert_dtype)
             session.configure(**flags)

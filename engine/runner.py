@@ -21,7 +21,6 @@ from fachat.engine.sampling import Sampler, SamplingParams, new_generator
 GRAPHS_ENV = "FACHAT_CUDA_GRAPHS"  # "0" turns CUDA-graph capture off
 # Steps the device runs ahead of the host's reads, by device type: none where every op is synchronous.
 LOOKAHEAD = {"cuda": 1}
-PREFILL_CHUNK = 512  # long prompts run in chunks, bounding attention's temporary memory
 
 
 @dataclass(frozen=True)
@@ -98,9 +97,9 @@ class Runner:
     def prefill(self, ids: list[int], all_logits: bool = False) -> torch.Tensor:
         """Runs ids after the cache's length, in chunks. Returns the last position's logits [vocab] (kept for
         sample()), or every position's [len(ids), vocab] with all_logits."""
-        outputs = []
-        for i in range(0, len(ids), PREFILL_CHUNK):
-            chunk = ids[i:i + PREFILL_CHUNK]
+        outputs, size = [], self.model.attn.PREFILL_CHUNK  # the attention backend's: what bounds its memory
+        for i in range(0, len(ids), size):
+            chunk = ids[i:i + size]
             self._reserve(self.cache.length + len(chunk))
             x = torch.tensor([chunk], dtype=torch.long, device=self.device)
             logits = self.model(x, self.positions, self.cache.k, self.cache.v, self._rope, all_logits=all_logits)

@@ -15,6 +15,10 @@ import torch.nn.functional as F
 # Partitions of the KV range in the split-KV decode (NWG); mirrors what a GPU kernel launches.
 DEFAULT_PARTITION = 256
 
+# Prompt tokens a forward takes at once: SDPA's mask (and, without a fused kernel, its scores) grow with
+# chunk x context.
+PREFILL_CHUNK = 512
+
 
 def key_mask(kv_len: torch.Tensor, q_len: int, total: int, window: int | None) -> torch.Tensor:
     """Bool [B, q_len, total]: may query i (the last q_len of kv_len positions) see key j?

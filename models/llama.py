@@ -129,10 +129,12 @@ class LlamaForCausalLM(nn.Module):
         """Runs input_ids [B, L] at positions[b] + 0..L-1 (positions: int64 [B], on the device), writing their
         K/V into the per-layer capacity buffers k_cache / v_cache [B, Hkv, capacity, D]. rope: rope_table's
         cos and sin. Returns float32 logits [B, L, vocab] if all_logits else [B, vocab] for the last position.
-        Tensors only, no host reads: the decode step can be captured in a CUDA graph."""
+        Tensors only, and no host reads in a decode step (L = 1): it can be captured in a CUDA graph."""
         L = input_ids.shape[1]
         token_positions = positions[:, None] + torch.arange(L, device=positions.device)
         kv_len = (positions + L).to(torch.int32)  # once here, not per layer in the attention kernels
+        if L > 1 and len(positions) == 1:
+            kv_len = int(kv_len)  # prefill of one row: one host read per chunk, not one per layer's kernel
         h, residual = self.model.embed_tokens(input_ids), None
         for layer, k, v in zip(self.model.layers, k_cache, v_cache):
             h, residual = layer(h, residual, token_positions, kv_len, k, v, rope, self.attn)

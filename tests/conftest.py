@@ -37,6 +37,16 @@ def pytest_report_header(config):
     return f"fachat tests: session seed {SESSION_SEED} (replay with FACHAT_TEST_SEED={SESSION_SEED})"
 
 
+@pytest.fixture(scope="module")
+def triton_interpreter():
+    """Without a GPU, Triton kernels run in its CPU interpreter while the module's tests run (the interpreter
+    reads TRITON_INTERPRET again then: triton imports helpers lazily), so that other modules never see it."""
+    with pytest.MonkeyPatch.context() as mp:
+        if not torch.cuda.is_available():
+            mp.setenv("TRITON_INTERPRET", "1")
+        yield
+
+
 @pytest.fixture(autouse=True)
 def seed(request) -> int:
     """Seeds torch's global RNG with a per-run, per-test seed and returns it (include it in messages)."""

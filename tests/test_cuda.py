@@ -3,6 +3,7 @@ backend against the reference backend end to end."""
 from __future__ import annotations
 
 import copy
+import importlib
 import json
 import os
 import subprocess
@@ -14,13 +15,22 @@ import torch
 
 from conftest import derive_seed
 from fachat import Engine
-from fachat.engine.runner import GRAPHS_ENV, PREFILL_CHUNK, Runner
+from fachat.engine.runner import GRAPHS_ENV, Runner
+from fachat.kernels import reference
 from fachat.kernels.dispatch import BACKEND_ENV
 from test_models_tiny import rel_err
 from test_session import Logits, assert_exact, randint, random_prompt
 from tiny import make_tiny_model
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (CI has none)")
+CHUNK = 512  # both backends' prefill chunk here: a prompt of CHUNK + n tokens takes two
+
+
+@pytest.fixture(autouse=True)
+def prefill_chunk(monkeypatch):
+    monkeypatch.setattr(reference, "PREFILL_CHUNK", CHUNK)
+    if importlib.util.find_spec("triton") is not None:
+        monkeypatch.setattr(importlib.import_module("fachat.kernels.triton"), "PREFILL_CHUNK", CHUNK)
 
 
 @pytest.mark.parametrize("variant", ["llama", "llama-tied-mqa", "mistral-window", "qwen2"])
@@ -74,7 +84,7 @@ def head64_models(tmp_path_factory):
         if variant not in made:
             made[variant] = tmp_path_factory.mktemp("head64") / variant
             make_tiny_model(made[variant], variant, seed=derive_seed("head64", variant), head_dim=64,
-                            max_position_embeddings=2 * PREFILL_CHUNK)
+                            max_position_embeddings=2 * CHUNK)
         return made[variant]
 
     return get
@@ -104,8 +114,8 @@ def step_logits(engine, ids, n_prompt):
 def test_triton_backend_float32_greedy_tokens_identical(head64_models, variant, monkeypatch, gen, seed):
     pytest.importorskip("triton", reason="the triton backend needs triton")
     triton, reference = load_pair(head64_models(variant), "float32", monkeypatch)
-    ids = torch.randint(3, triton.args.vocab_size, (PREFILL_CHUNK + 90,), generator=gen).tolist()  # two chunks
-    got, expected = step_logits(triton, ids, PREFILL_CHUNK + 60), step_logits(reference, ids, PREFILL_CHUNK + 60)
+    ids = torch.randint(3, triton.args.vocab_size, (CHUNK + 90,), generator=gen).tolist()  # two chunks
+    got, expected = step_logits(triton, ids, CHUNK + 60), step_logits(reference, ids, CHUNK + 60)
     assert rel_err(got, expected) < 1e-4, f"{variant}: logits differ by {rel_err(got, expected):.2e}; seed={seed}"
     a = triton.generate(ids, max_new_tokens=40, temperature=0)
     b = reference.generate(ids, max_new_tokens=40, temperature=0)
@@ -127,8 +137,8 @@ def test_triton_backend_bfloat16_logits_close(head64_models, variant, monkeypatc
     monkeypatch.setenv(BACKEND_ENV, "reference")
     exact = Engine.load(path, device="cuda", dtype="float32")
     monkeypatch.delenv(BACKEND_ENV)
-    ids = torch.randint(3, triton.args.vocab_size, (PREFILL_CHUNK + 60,), generator=gen).tolist()
-    n_prompt = PREFILL_CHUNK + 30
+    ids = torch.randint(3, triton.args.vocab_size, (CHUNK + 60,), generator=gen).tolist()
+    n_prompt = CHUNK + 30
     want = step_logits(exact, ids, n_prompt)
     got, ref = step_logits(triton, ids, n_prompt).float(), step_logits(reference, ids, n_prompt).float()
     err_triton, err_ref, err_between = rel_err(got, want), rel_err(ref, want), rel_err(got, ref)
@@ -150,6 +160,8 @@ def test_verbose_cli_names_the_backend(head64_models):
                              capture_output=True, text=True, env=env, timeout=300)
         assert run.returncode == 0, run.stderr
         assert f"attention backend: {expected}" in run.stderr, run.stderr
+        graphs = "on (CUDA, triton attention)" if expected == "triton" else "off (the reference attention backend"
+        assert f"CUDA graphs: {graphs}" in run.stderr, run.stderr
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])

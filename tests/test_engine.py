@@ -354,6 +354,17 @@ def test_greedy_is_the_float64_argmax(gen, seed):
     assert torch.equal(got, ref_penalized(logits, seen, 1.3).argmax(-1)), f"seed={seed}"
 
 
+def test_sampled_tokens_are_torch_multinomials(gen, seed):
+    """The device sampler draws the tokens torch.multinomial draws from the same distributions with the same
+    generator state (what the sampler did before it moved to the device), so seeded CPU runs keep their tokens."""
+    logits = torch.randn(32, 500, generator=gen) * 3
+    params = dict(temperature=0.8, top_k=50, top_p=0.9, min_p=0.01)
+    sampler = Sampler(SamplingParams(**params), torch.zeros(32, 500, dtype=torch.bool), torch.Generator().manual_seed(seed))
+    probs = sampler.probabilities(logits)
+    want = torch.multinomial(probs, 1, generator=torch.Generator().manual_seed(seed))[:, 0]
+    assert torch.equal(sampler(logits), want), f"seed={seed}"
+
+
 SAMPLING_CASES = {"temperature": dict(temperature=0.7), "top-k": dict(temperature=1.3, top_k=7),
                   "top-p": dict(temperature=1.0, top_p=0.8), "min-p": dict(temperature=1.0, min_p=0.1),
                   "all": dict(temperature=0.9, top_k=20, top_p=0.9, min_p=0.02, repetition_penalty=1.5)}

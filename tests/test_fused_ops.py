@@ -18,7 +18,7 @@ CUDA = torch.cuda.is_available()
 TRITON_DEVICE = "cuda" if CUDA else "cpu"
 F32, F16, BF16, F64 = torch.float32, torch.float16, torch.bfloat16, torch.float64
 # Without a GPU the kernels go to Triton's interpreter, which triton chooses when it is imported: set
-# TRITON_INTERPRET for this import only (interpreter_env sets it again while the tests run).
+# TRITON_INTERPRET for this import only (triton_interpreter sets it again while the tests run).
 saved = os.environ.get("TRITON_INTERPRET")
 if not CUDA:
     os.environ["TRITON_INTERPRET"] = "1"
@@ -42,13 +42,7 @@ ULPS = 8
 ULP = {F32: 2.0 ** -23, F16: 2.0 ** -10, BF16: 2.0 ** -7}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def interpreter_env():
-    """The interpreter reads TRITON_INTERPRET again when it runs (triton imports helpers lazily)."""
-    with pytest.MonkeyPatch.context() as mp:
-        if not CUDA:
-            mp.setenv("TRITON_INTERPRET", "1")
-        yield
+pytestmark = pytest.mark.usefixtures("triton_interpreter")
 
 
 @pytest.fixture(params=["reference", "triton"])

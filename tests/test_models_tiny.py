@@ -15,7 +15,7 @@ from tiny import VARIANTS
 from fachat.errors import UnsupportedModelError
 from fachat.models.config import SUPPORTED_ARCHITECTURES, SUPPORTED_ROPE_TYPES, ModelArgs, rope_inv_freq
 
-runner_module = importlib.import_module("fachat.engine.runner")
+reference_module = importlib.import_module("fachat.kernels.reference")
 
 
 def random_ids(gen, n, vocab):
@@ -77,7 +77,7 @@ def test_chunked_prefill_matches_one_chunk(variant, tiny_models, gen, seed, monk
     ids = random_ids(gen, 45, eng.args.vocab_size)
     whole = eng.score(ids)
     greedy = eng.generate(ids, max_new_tokens=8, temperature=0).tokens
-    monkeypatch.setattr(runner_module, "PREFILL_CHUNK", 7)
+    monkeypatch.setattr(reference_module, "PREFILL_CHUNK", 7)
     chunked = eng.score(ids)
     # float32 rounding differs with the chunking: bound it against the logits' scale, not elementwise (a logit
     # near 0 has no relative error to speak of)
@@ -93,7 +93,7 @@ def test_mistral_window_long_prompt_in_chunks(tiny_models, gen, seed, monkeypatc
     assert eng.args.layer_windows == [16] * eng.args.num_hidden_layers
     ids = random_ids(gen, 80, eng.args.vocab_size)
     ref = peer_logits(peer, ids)
-    monkeypatch.setattr(runner_module, "PREFILL_CHUNK", 7)
+    monkeypatch.setattr(reference_module, "PREFILL_CHUNK", 7)
     assert rel_err(eng.score(ids), ref) < 1e-4, f"seed={seed}"
     # and the window matters here: the same weights without a window give other logits
     no_window = load(path)

@@ -20,7 +20,7 @@ CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
 # Without a GPU the kernels go to Triton's interpreter, which triton (and its triton.language helpers)
 # choose when they are imported and decorated: TRITON_INTERPRET is set for this import, and again
-# while this module's tests run (interpreter_env), so that other modules never see it.
+# while this module's tests run (triton_interpreter), so that other modules never see it.
 saved = os.environ.get("TRITON_INTERPRET")
 if not CUDA:
     os.environ["TRITON_INTERPRET"] = "1"
@@ -42,13 +42,7 @@ needs_hopper = pytest.mark.skipif(not (CUDA and torch.cuda.get_device_capability
                                   reason="the warp-specialised Gluon kernels run on Hopper (sm_90) GPUs only")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def interpreter_env():
-    """The interpreter reads TRITON_INTERPRET again when it runs (triton imports helpers lazily)."""
-    with pytest.MonkeyPatch.context() as mp:
-        if not CUDA:
-            mp.setenv("TRITON_INTERPRET", "1")
-        yield
+pytestmark = pytest.mark.usefixtures("triton_interpreter")
 
 
 @pytest.fixture(autouse=True)

@@ -8,4 +8,8 @@ from fachat.kernels.triton.decode import INTERPRET, decode_attention
 from fachat.kernels.triton.fused import rms_norm, rope_write, silu_mul
 from fachat.kernels.triton.prefill import prefill_attention
 
-__all__ = ["decode_attention", "prefill_attention", "rms_norm", "silu_mul", "rope_write", "INTERPRET"]
+# Prompt tokens a forward takes at once: flash prefill keeps no score matrix, so the chunk bounds the MLP's
+# activations only, and fewer chunks launch fewer kernels.
+PREFILL_CHUNK = 2048
+
+__all__ = ["decode_attention", "prefill_attention", "rms_norm", "silu_mul", "rope_write", "INTERPRET", "PREFILL_CHUNK"]
