@@ -21,6 +21,8 @@ from fachat.engine.sampling import SamplingParams, seed_generator
 from fachat.engine.state import EngineLike, Snapshot, Turn, common_prefix
 from fachat.errors import ContextLengthError
 
+CONTEXT_FULL = ("stop", "shift")
+
 
 class Session:
     """A conversation (or a raw token context) with one model, whose K/V stay cached between calls.
@@ -31,10 +33,13 @@ class Session:
     to one call reseeds it from there on.
     """
 
-    def __init__(self, engine: EngineLike, system: str | None = None, *, runner: Runner | None = None, **sampling):
+    def __init__(self, engine: EngineLike, system: str | None = None, *, runner: Runner | None = None,
+                 context_full: str = "stop", **sampling):
         """runner: the one to decode with (Engine.generate lends its own, whose graphs are already captured);
-        by default a new one, with a new cache."""
+        by default a new one, with a new cache. context_full: see the property."""
         self.engine = engine
+        self.context_full = context_full
+        self.dropped_turns = 0  # the oldest chat turns that the last stream_chat dropped to fit the context
         self._params = SamplingParams(**sampling)
         self._runner = runner if runner is not None else engine.new_runner()
         self._runner.truncate(0)
@@ -83,6 +88,22 @@ class Session:
         self._finish_active()
         self._system = _check_system(text)
 
+    @property
+    def context_full(self) -> str:
+        """What a chat turn does when the conversation, the new message and room for its answer
+        (max_new_tokens, at most half of max_seq_len) do not fit in max_seq_len. "stop" (the default): the
+        answer stops at the limit, and a message that does not fit at all raises ContextLengthError. "shift":
+        the oldest whole turns are dropped (never the system message) until it fits, and what remains is
+        prefilled again; undo then takes back the kept turns, cut back to their rendering, never the dropped
+        ones. Not saved with the session."""
+        return self._context_full
+
+    @context_full.setter
+    def context_full(self, mode: str) -> None:
+        if mode not in CONTEXT_FULL:
+            raise ValueError(f"context_full must be one of {', '.join(CONTEXT_FULL)}, got {mode!r}")
+        self._context_full = mode
+
     def configure(self, **sampling) -> None:
         """Changes the session's default sampling arguments (saved with it); a `seed` reseeds the RNG now."""
         self._finish_active()
@@ -104,8 +125,20 @@ class Session:
             raise ValueError(f"message must be a str, got {type(message).__name__}")
         self._finish_active()
         conversation = self._conversation + [{"role": "user", "content": message}]
-        ids = self.engine.tokenizer.apply_chat_template(self._with_system(conversation), add_generation_prompt=True)
-        return self._stream(ids, overrides, conversation)
+        ids = self._render(conversation, answer=True)
+        self.dropped_turns, history = 0, None
+        if self._context_full == "shift":
+            limit = self.engine.max_seq_len
+            room = min(self._params_with(overrides).max_new_tokens, limit // 2)
+            while len(ids) + room > limit and len(conversation) > 1:
+                conversation = conversation[2:]  # a user message and its answer
+                ids = self._render(conversation, answer=True)
+                self.dropped_turns += 1
+            if self.dropped_turns:
+                # The kept turns are prefilled again: undo cuts back to where each began in the new rendering.
+                history = [(m, common_prefix(self._render(conversation[:m]), ids))
+                           for m in range(0, len(conversation), 2)]
+        return self._stream(ids, overrides, conversation, history)
 
     def undo(self) -> None:
         """Takes back the last chat turn, the user's message and the answer. The cache is cut back to where
@@ -132,12 +165,8 @@ class Session:
         answers as a new one would."""
         self._finish_active()
         keep = 0
-        if self._system is not None and self.engine.tokenizer.chat_template:
-            try:
-                prefix = self.engine.tokenizer.apply_chat_template(self._with_system([]), add_generation_prompt=False)
-                keep = min(common_prefix(self._tokens, prefix), self._runner.length)
-            except ValueError:
-                pass  # a template that will not render a system message alone: keep nothing
+        if self.engine.tokenizer.chat_template:
+            keep = min(common_prefix(self._tokens, self._render([])), self._runner.length)
         self._runner.truncate(keep)
         del self._tokens[keep:]
         self._conversation, self._turns = [], []
@@ -206,7 +235,7 @@ class Session:
         """An independent copy with its own cache (the live K/V copied once) and the same RNG state: the
         two never share a buffer, so a write to one never shows in the other."""
         self._finish_active()
-        child = Session(self.engine)
+        child = Session(self.engine, context_full=self._context_full)
         child._restore(self._snapshot(copy=False))
         return child
 
@@ -230,11 +259,13 @@ class Session:
 
     # ------------------------------------------------------------ internals
 
-    def _stream(self, ids: list[int], overrides: dict, conversation: list[dict] | None = None) -> TextStream:
+    def _stream(self, ids: list[int], overrides: dict, conversation: list[dict] | None = None,
+                history: list[tuple[int, int]] | None = None) -> TextStream:
         """The one generation path (Engine.stream's too): makes ids the context, keeping the cached K/V up
         to the first difference, and streams an answer. conversation: a chat turn's messages, which the
-        answer joins when the stream ends."""
-        params = dataclasses.replace(self._params, **overrides) if overrides else self._params
+        answer joins when the stream ends. history: after a context shift, the undo history that replaces
+        the old one, as (messages, start) of each turn, this one included; what undo writes back is empty."""
+        params = self._params_with(overrides)
         limit = self.engine.max_seq_len
         if len(ids) >= limit:
             raise ContextLengthError(f"the context is {len(ids)} tokens but max_seq_len is {limit}; "
@@ -242,7 +273,7 @@ class Session:
         # Feed at least the last token: its logits are where the answer starts.
         start = min(common_prefix(self._tokens, ids), self._runner.length, len(ids) - 1)
         turn = None
-        if conversation is not None:
+        if conversation is not None and history is None:
             keys, values = self._runner.state
             turn = Turn(len(self._conversation), start, tuple(self._tokens[start:]),
                         tuple(k[:, :, start:].clone(memory_format=torch.contiguous_format) for k in keys),
@@ -252,7 +283,11 @@ class Session:
             self.last_generation = generation
             if conversation is not None:
                 self._conversation = conversation + [{"role": "assistant", "content": generation.text}]
-                self._turns.append(turn)
+                if history is None:
+                    self._turns.append(turn)
+                else:
+                    keys, values = (tuple(t[:, :, :0].clone() for t in ts) for ts in self._runner.state)
+                    self._turns = [Turn(m, start, (), keys, values) for m, start in history]
 
         max_new_tokens = min(params.max_new_tokens, limit - len(ids))
         steps = self._steps(ids, start, params, overrides.get("seed"), max_new_tokens)
@@ -285,6 +320,23 @@ class Session:
         if self._active is not None:
             self._active.close()
             self._active = None
+
+    def _params_with(self, overrides: dict) -> SamplingParams:
+        return dataclasses.replace(self._params, **overrides) if overrides else self._params
+
+    def _render(self, conversation: list[dict], answer: bool = False) -> list[int]:
+        """The chat template's tokens for the system message and conversation; answer: with the prompt of
+        an answer after them. Nothing at all renders as no tokens, as does a system message alone that the
+        template will not render (then reset keeps nothing, and undo after a context shift cuts back to 0)."""
+        messages = self._with_system(conversation)
+        if not messages:
+            return []
+        try:
+            return self.engine.tokenizer.apply_chat_template(messages, add_generation_prompt=answer)
+        except ValueError:
+            if conversation:
+                raise
+            return []
 
     def _with_system(self, conversation: list[dict]) -> list[dict]:
         system = [] if self._system is None else [{"role": "system", "content": self._system}]

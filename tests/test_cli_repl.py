@@ -21,12 +21,14 @@ ANSI = re.compile(rb"\x1b\[[0-9;?]*[A-Za-z]")
 class Repl:
     """One fa-chat process on a pseudo-terminal; `say` returns what the REPL printed in answer."""
 
-    def __init__(self, tmp_path, *args, timeout=120):
-        env = dict(os.environ, PYTHONUNBUFFERED="1", TERM="dumb", XDG_STATE_HOME=str(tmp_path / "state"))
+    def __init__(self, tmp_path, *args, timeout=120, quiet=True, **env):
+        """quiet: no stats line, whose timings differ between runs; env: more environment variables."""
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", "TERM": "dumb", "XDG_STATE_HOME": str(tmp_path / "state"), **env}
         # SIGINT back to its default, so that Python turns Ctrl-C into KeyboardInterrupt even where the test
         # run inherited it ignored (a shell's background job does).
-        self.child = pexpect.spawn(sys.executable, ["-m", "fachat.cli.main", "--device", "cpu", *args],
-                                   env=env, timeout=timeout, cwd=str(tmp_path),
+        self.child = pexpect.spawn(sys.executable, ["-m", "fachat.cli.main", "--device", "cpu",
+                                                    *(["--quiet"] if quiet else []), *args],
+                                   env=env, timeout=timeout, cwd=str(tmp_path), dimensions=(24, 1000),
                                    preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
         self.child.expect_exact(PROMPT)
 
