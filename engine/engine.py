@@ -12,7 +12,7 @@ from fachat.engine.generate import Generation, TextStream
 from fachat.engine.runner import Runner, cuda_graphs_reason
 from fachat.engine.persistence import model_fingerprint
 from fachat.engine.session import Session
-from fachat.errors import ContextLengthError
+from fachat.errors import ContextLengthError, CorruptModelError
 from fachat.kernels.dispatch import BACKENDS, choose_backend
 from fachat.models.loaders import LoadedModel, load_model
 
@@ -72,6 +72,22 @@ class Engine:
         self.model.attn = BACKENDS[self.attention_backend]
         self.cuda_graphs, self.cuda_graphs_reason = cuda_graphs_reason(device, self.attention_backend)
         self._stream: TextStream | None = None  # generate's last, which shares self.runner
+        self._check_finite_logits()
+
+    def _check_finite_logits(self) -> None:
+        """One forward pass of one token, so that weights or config values which pass every other check but
+        give NaN or inf (a NaN in a file, an eps too small for the dtype...) fail the load rather than
+        generate token 0 forever. Its one-position cache is dropped with it: a failed load keeps nothing."""
+        a = self.args
+        cache = InPlaceKVCache(a.num_hidden_layers, a.num_key_value_heads, a.head_dim, dtype=self.dtype,
+                               device=self.device, capacity=1)
+        token = a.bos_token_id if a.bos_token_id is not None else 0
+        logits = Runner(self.model, cache).prefill([token])
+        bad = int((~torch.isfinite(logits)).sum())
+        if bad:
+            raise CorruptModelError(
+                f"{self.source}: the first forward pass (token {token}) gives {bad} NaN or inf logits of "
+                f"{logits.numel()}: corrupt weights or config values (rms_norm_eps, rope_theta, ...)")
 
     @classmethod
     def load(cls, model: str | os.PathLike | None = None, device: str | torch.device = "auto",

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from fachat.errors import CorruptModelError, ModelLoadError, ModelNotFoundError, UnsupportedModelError
+from fachat.models.config import ModelArgs
 
 if TYPE_CHECKING:
     import tokenizers
@@ -67,6 +68,7 @@ class GGUFFile:
     tokenizer: "tokenizers.Tokenizer"
     tokenizer_config: dict
     generation_config: dict
+    config_keys: dict  # config field -> the metadata key it comes from, for ModelArgs.from_dict's errors
 
 
 def read_gguf(path) -> GGUFFile:
@@ -78,7 +80,7 @@ def read_gguf(path) -> GGUFFile:
         header = _Header(path)
         config = _build_config(header)
         tokenizer, tokenizer_config, generation_config = _build_tokenizer(header)
-    return GGUFFile(config, tokenizer, tokenizer_config, generation_config)
+    return GGUFFile(config, tokenizer, tokenizer_config, generation_config, _config_keys(header.arch))
 
 
 def iter_gguf_tensors(path, config: dict, on_read: Callable[[str, tuple, str, np.ndarray], None] | None = None
@@ -312,17 +314,34 @@ def _import_gguf():
 # Config
 
 
+# config field -> GGUF metadata key (after "{arch}."), for errors that name what the file holds
+_CONFIG_KEYS = {
+    "hidden_size": "embedding_length",
+    "intermediate_size": "feed_forward_length",
+    "num_hidden_layers": "block_count",
+    "num_attention_heads": "attention.head_count",
+    "num_key_value_heads": "attention.head_count_kv",
+    "head_dim": "attention.key_length",
+    "rms_norm_eps": "attention.layer_norm_rms_epsilon",
+    "rope_theta": "rope.freq_base",
+    "max_position_embeddings": "context_length",
+    "rope_scaling.rope_type": "rope.scaling.type",
+    "rope_scaling.factor": "rope.scaling.factor",
+    "rope_scaling.original_max_position_embeddings": "rope.scaling.original_context_length",
+}
+
+
+def _config_keys(arch: str) -> dict:
+    return {field: f"{arch}.{key}" for field, key in _CONFIG_KEYS.items()} | {
+        "vocab_size": "token_embd.weight rows",
+        "bos_token_id": "tokenizer.ggml.bos_token_id",
+        "eos_token_id": "tokenizer.ggml.eos_token_id",
+    }
+
+
 def _build_config(h: _Header) -> dict:
     arch_class, model_type = SUPPORTED_ARCHITECTURES[h.arch]
-    hidden = h.key("embedding_length")
     heads = h.key("attention.head_count")
-    kv_heads = _per_layer_constant(h, "attention.head_count_kv", heads)
-    head_dim = h.key("attention.key_length", None) or hidden // heads
-    if h.key("attention.value_length", head_dim) != head_dim:
-        raise UnsupportedModelError(f"{h.path}: key and value head sizes differ, which is not supported")
-    if h.key("rope.dimension_count", head_dim) != head_dim:
-        raise UnsupportedModelError(f"{h.path}: partial rotary embeddings are not supported")
-    rope_theta = float(h.key("rope.freq_base", 10000.0))
     if "token_embd.weight" not in h.by_name:
         raise CorruptModelError(f"{h.path}: no token_embd.weight tensor")
     n_layers = h.key("block_count")
@@ -330,20 +349,19 @@ def _build_config(h: _Header) -> dict:
     blocks = {int(m[1]) for t in h.tensors if (m := _BLOCK_RE.fullmatch(t.name))}
     if not isinstance(n_layers, int) or blocks != set(range(len(blocks))) or n_layers != len(blocks):
         raise CorruptModelError(
-            f"{h.path}: block_count is {n_layers!r} but the file has tensors for {len(blocks)} blocks")
+            f"{h.path}: {h.arch}.block_count is {n_layers!r} but the file has tensors for {len(blocks)} blocks")
     config = {
         "architectures": [arch_class],
         "model_type": model_type,
-        "hidden_size": hidden,
+        "hidden_size": h.key("embedding_length"),
         "intermediate_size": _per_layer_constant(h, "feed_forward_length"),
         "num_hidden_layers": n_layers,
         "num_attention_heads": heads,
-        "num_key_value_heads": kv_heads,
-        "head_dim": head_dim,
+        "num_key_value_heads": _per_layer_constant(h, "attention.head_count_kv", heads),
+        "head_dim": h.key("attention.key_length", None),
         "hidden_act": "silu",
-        "rms_norm_eps": float(h.key("attention.layer_norm_rms_epsilon", 1e-5)),
-        "rope_theta": rope_theta,
-        "rope_scaling": _rope_scaling(h, rope_theta, head_dim),
+        "rms_norm_eps": h.key("attention.layer_norm_rms_epsilon", 1e-5),
+        "rope_theta": h.key("rope.freq_base", 10000.0),
         "max_position_embeddings": h.key("context_length"),
         "vocab_size": h.by_name["token_embd.weight"].shape[0],
         "tie_word_embeddings": "output.weight" not in h.by_name,
@@ -354,6 +372,16 @@ def _build_config(h: _Header) -> dict:
     }
     if "tokenizer.ggml.padding_token_id" in h.metadata:
         config["pad_token_id"] = h.metadata["tokenizer.ggml.padding_token_id"]
+    # Checked as a config.json is, before any value is computed with. The rope scaling is built from the checked
+    # values and checked by the loader, whose error an unsupported type is: read_gguf still reads such a file.
+    args = ModelArgs.from_dict(config, h.path, _config_keys(h.arch))
+    head_dim = config["head_dim"] = args.head_dim
+    config |= {"rms_norm_eps": args.rms_norm_eps, "rope_theta": args.rope_theta}
+    if h.key("attention.value_length", head_dim) != head_dim:
+        raise UnsupportedModelError(f"{h.path}: key and value head sizes differ, which is not supported")
+    if h.key("rope.dimension_count", head_dim) != head_dim:
+        raise UnsupportedModelError(f"{h.path}: partial rotary embeddings are not supported")
+    config["rope_scaling"] = _rope_scaling(h, args.rope_theta, head_dim)
     _check_tensor_table(h, config)
     return config
 
@@ -370,12 +398,12 @@ def _per_layer_constant(h: _Header, name, default=...):
 def _rope_scaling(h: _Header, theta: float, head_dim: int) -> dict | None:
     kind = h.key("rope.scaling.type", None)
     if kind is None and h.key("rope.scale_linear", None):  # pre-2024 files
-        return {"rope_type": "linear", "factor": float(h.key("rope.scale_linear"))}
+        return {"rope_type": "linear", "factor": h.key("rope.scale_linear")}
     if kind is None and "rope_freqs.weight" in h.by_name:
         return _llama3_rope_scaling(h, theta, head_dim)
     if kind in (None, "none"):
         return None
-    scaling = {"rope_type": kind, "factor": float(h.key("rope.scaling.factor", 1.0))}
+    scaling = {"rope_type": kind, "factor": h.key("rope.scaling.factor", 1.0)}
     renames = {
         "original_context_length": "original_max_position_embeddings",
         "attn_factor": "attention_factor",

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from fachat.errors import CorruptModelError, ModelLoadError, ModelNotFoundError
-from fachat.models.config import ModelArgs
+from fachat.models.config import ModelArgs, read_token_ids
 from fachat.models.llama import LlamaForCausalLM
 from fachat.models.tokenizer import Tokenizer, read_json
 
@@ -100,10 +100,13 @@ def _download(repo_id: str) -> Path:
 def _load_dir(path: Path, device, dtype, source: str) -> LoadedModel:
     if not (path / "config.json").is_file():
         raise ModelLoadError(f"{source}: no config.json in {path}")
-    config = read_json(path / "config.json")
-    args = ModelArgs.from_dict(config)
-    generation = read_json(path / "generation_config.json")
-    args.eos_token_ids = _merge_ids(generation.get("eos_token_id"), args.eos_token_ids)
+    args = ModelArgs.from_dict(read_json(path / "config.json"), str(path / "config.json"))
+    generation_file = path / "generation_config.json"
+    generation = read_json(generation_file)
+    if not isinstance(generation, dict):
+        raise CorruptModelError(f"{generation_file}: the top level is not a JSON object")
+    eos_ids = read_token_ids(generation, "eos_token_id", args.vocab_size, str(generation_file))
+    args.eos_token_ids = _merge_ids(eos_ids, args.eos_token_ids)
     tokenizer = Tokenizer.from_dir(path, args.eos_token_ids)
     weights = WeightsHash()
     model = build_model(args, _iter_safetensors(path, weights), device, dtype, source)
@@ -114,7 +117,7 @@ def _load_gguf(path: Path, device, dtype) -> LoadedModel:
     from fachat.models.gguf import iter_gguf_tensors, read_gguf
 
     contents = read_gguf(path)
-    args = ModelArgs.from_dict(contents.config)
+    args = ModelArgs.from_dict(contents.config, str(path), contents.config_keys)
     args.eos_token_ids = _merge_ids(contents.generation_config.get("eos_token_id"), args.eos_token_ids)
     tokenizer = Tokenizer.from_gguf(contents, args.eos_token_ids)
     weights = WeightsHash()  # of the quantized blocks: a few times fewer bytes than the float32 they become

@@ -636,7 +636,7 @@ def test_block_count_disagrees_with_the_tensors(tmp_path, rng, claimed):
     used to build a table of that many layers and run out of memory)."""
     path = tmp_path / "b.gguf"
     write_small(path, rng, cfg_changes={"num_hidden_layers": claimed})
-    with pytest.raises(CorruptModelError, match=rf"b\.gguf: block_count is {claimed} but the file has tensors for 1 blocks"):
+    with pytest.raises(CorruptModelError, match=rf"b\.gguf: llama\.block_count is {claimed} but the file has tensors for 1 blocks"):
         read_gguf(path)
 
 
