@@ -2,8 +2,8 @@
 
 The attention functions read K/V from capacity buffers [B, Hkv, capacity, D] up to the live length and
 handle GQA by grouping query heads per KV head, never by repeating K/V. rms_norm, silu_mul and rope_write
-are the layer's other steps, in eager torch op for op as the model computed them before the Triton
-backend fused each into one kernel.
+are the layer's other steps, and norm_linear, norm_silu_mul, norm_rope_write and linear_add its projections
+with the steps around them, in eager torch op for op: the triton backend fuses each into one kernel.
 """
 from __future__ import annotations
 
@@ -127,12 +127,8 @@ def prefill_attention(q, k_cache, v_cache, kv_len, *, scale=None, window=None, s
     return out.reshape(B, Hq, Lq, D)
 
 
-def rms_norm(x, weight, eps, residual=None):
-    """RMSNorm of x [..., H] (normalised in float32, as the reference implementation does for half types);
-    with residual, of s = x + residual, returning (normed, s)."""
-    if residual is not None:
-        s = x + residual
-        return rms_norm(s, weight, eps), s
+def rms_norm(x, weight, eps):
+    """RMSNorm of x [..., H], normalised in float32 (as the reference implementation does for half types)."""
     h = x.float()
     h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
     return weight * h.to(x.dtype)
@@ -169,3 +165,29 @@ def rope_write(qkv, cos, sin, positions, k_cache, v_cache, n_heads: int, n_kv_he
     k_cache[rows, :, positions] = k.transpose(1, 2)
     v_cache[rows, :, positions] = v.transpose(1, 2)
     return q
+
+
+# A layer's projections with their neighbours, as the triton backend fuses them for decode.
+
+
+def norm_linear(x, norm_weight, eps, weight, bias=None):
+    """linear(rms_norm(x)): x [..., K], weight [N, K] -> [..., N]."""
+    return F.linear(rms_norm(x, norm_weight, eps), weight, bias)
+
+
+def norm_silu_mul(x, norm_weight, eps, weight, bias=None):
+    """silu_mul(linear(rms_norm(x))): weight [2 * I, K] holds gate then up -> [..., I]."""
+    return silu_mul(norm_linear(x, norm_weight, eps, weight, bias))
+
+
+def norm_rope_write(x, norm_weight, eps, weight, bias, cos, sin, positions, k_cache, v_cache, n_heads: int,
+                    n_kv_heads: int):
+    """rope_write(linear(rms_norm(x))): the q, k, v projection of x [B, L, K], k and v written to the caches;
+    returns q [B, n_heads, L, D]."""
+    return rope_write(norm_linear(x, norm_weight, eps, weight, bias), cos, sin, positions, k_cache, v_cache,
+                      n_heads, n_kv_heads)
+
+
+def linear_add(x, weight, bias, residual):
+    """residual + linear(x): a projection added to the residual stream."""
+    return residual + F.linear(x, weight, bias)

@@ -22,7 +22,7 @@ class FusedLinear(nn.Linear):
 
 
 class RMSNorm(nn.Module):
-    """Holds the weight; the math is the backend's rms_norm (fused with the residual add)."""
+    """Holds the weight; the math is the backend's, fused into the projection that follows the norm."""
 
     def __init__(self, dim: int, eps: float):
         super().__init__()
@@ -40,17 +40,20 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(q_size, args.hidden_size, bias=args.o_bias)
         self.scale = self.head_dim ** -0.5
 
-    def forward(self, x, positions, kv_len, k_cache, v_cache, rope, attn: ModuleType):
-        """x [B, L, hidden] at positions [B, L]; writes their K/V there, attends over kv_len [B] positions."""
-        B, L, _ = x.shape
-        q = attn.rope_write(self.qkv_proj(x), *rope, positions, k_cache, v_cache, self.n_heads, self.n_kv_heads)
+    def forward(self, h, norm, positions, kv_len, k_cache, v_cache, rope, attn: ModuleType):
+        """The residual stream h [B, L, hidden] at positions [B, L] plus attention over kv_len [B] positions of
+        norm(h) (whose K/V are written there first)."""
+        B, L, _ = h.shape
+        qkv = self.qkv_proj
+        q = attn.norm_rope_write(h, norm.weight, norm.eps, qkv.weight, qkv.bias, *rope, positions, k_cache, v_cache,
+                                 self.n_heads, self.n_kv_heads)
         if L == 1:
             o = attn.decode_attention(q[:, :, 0], k_cache, v_cache, kv_len, scale=self.scale, window=self.window)
             o = o.reshape(B, 1, -1)
         else:
             o = attn.prefill_attention(q, k_cache, v_cache, kv_len, scale=self.scale, window=self.window)
             o = o.transpose(1, 2).reshape(B, L, -1)
-        return self.o_proj(o)
+        return attn.linear_add(o, self.o_proj.weight, self.o_proj.bias, h)
 
 
 class MLP(nn.Module):
@@ -59,8 +62,11 @@ class MLP(nn.Module):
         self.gate_up_proj = FusedLinear(args.hidden_size, [args.intermediate_size] * 2, bias=args.mlp_bias)
         self.down_proj = nn.Linear(args.intermediate_size, args.hidden_size, bias=args.mlp_bias)
 
-    def forward(self, x, attn: ModuleType):
-        return self.down_proj(attn.silu_mul(self.gate_up_proj(x)))
+    def forward(self, h, norm, attn: ModuleType):
+        """The residual stream h plus the MLP of norm(h)."""
+        up = self.gate_up_proj
+        x = attn.norm_silu_mul(h, norm.weight, norm.eps, up.weight, up.bias)
+        return attn.linear_add(x, self.down_proj.weight, self.down_proj.bias, h)
 
 
 class DecoderLayer(nn.Module):
@@ -71,16 +77,9 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
 
-    def forward(self, h, residual, positions, kv_len, k_cache, v_cache, rope, attn):
-        """The residual stream is residual + h (the last sublayer's output): each norm adds it in, fused."""
-        if residual is None:
-            x, residual = attn.rms_norm(h, self.input_layernorm.weight, self.input_layernorm.eps), h
-        else:
-            x, residual = attn.rms_norm(h, self.input_layernorm.weight, self.input_layernorm.eps, residual)
-        h = self.self_attn(x, positions, kv_len, k_cache, v_cache, rope, attn)
-        norm = self.post_attention_layernorm
-        x, residual = attn.rms_norm(h, norm.weight, norm.eps, residual)
-        return self.mlp(x, attn), residual
+    def forward(self, h, positions, kv_len, k_cache, v_cache, rope, attn):
+        h = self.self_attn(h, self.input_layernorm, positions, kv_len, k_cache, v_cache, rope, attn)
+        return self.mlp(h, self.post_attention_layernorm, attn)
 
 
 class LlamaModel(nn.Module):
@@ -135,10 +134,10 @@ class LlamaForCausalLM(nn.Module):
         kv_len = (positions + L).to(torch.int32)  # once here, not per layer in the attention kernels
         if L > 1 and len(positions) == 1:
             kv_len = int(kv_len)  # prefill of one row: one host read per chunk, not one per layer's kernel
-        h, residual = self.model.embed_tokens(input_ids), None
+        h = self.model.embed_tokens(input_ids)
         for layer, k, v in zip(self.model.layers, k_cache, v_cache):
-            h, residual = layer(h, residual, token_positions, kv_len, k, v, rope, self.attn)
+            h = layer(h, token_positions, kv_len, k, v, rope, self.attn)
         if not all_logits:
-            h, residual = h[:, -1], residual[:, -1]
-        h, _ = self.attn.rms_norm(h, self.model.norm.weight, self.model.norm.eps, residual)
-        return self.lm_head(h).float()
+            h = h[:, -1]
+        norm = self.model.norm
+        return self.attn.norm_linear(h, norm.weight, norm.eps, self.lm_head.weight).float()

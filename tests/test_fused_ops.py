@@ -75,38 +75,32 @@ def randn(shape, gen, dtype, scale=1.0):
 # ---------------------------------------------------------------- rms_norm
 
 
+def rms_normed(x, w, eps):
+    """float64 RMSNorm of x (any dtype) times w."""
+    x = x.to(F64)
+    return x / (x.pow(2).mean(-1, keepdim=True) + eps).sqrt() * w.to(F64)
+
+
 @pytest.mark.parametrize("dtype", [F32, F16, BF16])
 @pytest.mark.parametrize("H", [64, 576])
 @pytest.mark.parametrize("B,L", [(1, 1), (2, 3)])
-@pytest.mark.parametrize("residual", [False, True])
-def test_rms_norm(residual, B, L, H, dtype, backend, gen, seed):
+def test_rms_norm(B, L, H, dtype, backend, gen, seed):
     attn, device = backend
-    x, r = randn((B, L, H), gen, dtype, 3.0), randn((B, L, H), gen, dtype)
-    w = randn(H, gen, dtype)
+    x, w = randn((B, L, H), gen, dtype, 3.0), randn(H, gen, dtype)
     eps = float(torch.empty(()).uniform_(1e-6, 1e-4, generator=gen))
-    msg = f"{attn.__name__} {dtype} B={B} L={L} H={H} residual={residual} seed={seed}"
-    if residual:
-        out, total = attn.rms_norm(x.to(device), w.to(device), eps, r.to(device))
-        s = x.to(F64) + r.to(F64)
-        check(total, s, s.abs(), dtype, f"sum; {msg}")
-    else:
-        out, s = attn.rms_norm(x.to(device), w.to(device), eps), x.to(F64)
-    normed = s / (s.pow(2).mean(-1, keepdim=True) + eps).sqrt()
-    check(out, normed * w.to(F64), (normed * w.to(F64)).abs(), dtype, msg)
+    y = rms_normed(x, w, eps)
+    check(attn.rms_norm(x.to(device), w.to(device), eps), y, y.abs(), dtype,
+          f"{attn.__name__} {dtype} B={B} L={L} H={H} seed={seed}")
 
 
 @pytest.mark.parametrize("dtype", [F32, BF16])
 def test_rms_norm_strided_rows(dtype, backend, gen, seed):
-    """The model's last-position rows h[:, -1] (a row stride of L * H) and a sum of them."""
+    """The model's last-position rows h[:, -1] (a row stride of L * H)."""
     attn, device = backend
     B, L, H = 2, 3, 64
-    x, r = randn((B, L, H), gen, dtype).to(device), randn((B, L, H), gen, dtype).to(device)
-    w = randn(H, gen, dtype).to(device)
-    out, total = attn.rms_norm(x[:, -1], w, 1e-5, r[:, -1])
-    s = x[:, -1].cpu().to(F64) + r[:, -1].cpu().to(F64)
-    y = s / (s.pow(2).mean(-1, keepdim=True) + 1e-5).sqrt() * w.cpu().to(F64)
-    check(total, s, s.abs(), dtype, f"sum; {attn.__name__} seed={seed}")
-    check(out, y, y.abs(), dtype, f"{attn.__name__} seed={seed}")
+    x, w = randn((B, L, H), gen, dtype).to(device), randn(H, gen, dtype).to(device)
+    y = rms_normed(x[:, -1].cpu(), w.cpu(), 1e-5)
+    check(attn.rms_norm(x[:, -1], w, 1e-5), y, y.abs(), dtype, f"{attn.__name__} seed={seed}")
 
 
 # ---------------------------------------------------------------- silu_mul
@@ -142,6 +136,42 @@ def rotated(x, cos, sin):
     return out, terms
 
 
+def check_rope_written(q, k_buf, v_buf, qkv, terms, positions, C, Hq, Hkv, dtype, msg):
+    """q [B, Hq, L, D], and k and v written at positions [B, L] of caches holding NaN elsewhere, against the float64
+    projection qkv [B, L, (Hq + 2 * Hkv) * D] (terms: the magnitude of what makes each of its elements)."""
+    B, L, _ = qkv.shape
+    D = q.shape[-1]
+    x, t = qkv.view(B, L, Hq + 2 * Hkv, D), terms.view(B, L, Hq + 2 * Hkv, D)
+    cos, sin = rope_table(C + 8, D, F64)
+    c, s = cos[positions][:, :, None], sin[positions][:, :, None]  # [B, L, 1, D]
+    (t1, t2), (c1, c2), (s1, s2) = (a.chunk(2, dim=-1) for a in (t, c.abs(), s.abs()))
+    rot_terms = torch.cat((t1 * c1 + t2 * s1, t2 * c2 + t1 * s2), -1)
+    q_ref, q_terms = rotated(x[:, :, :Hq], c, s)
+    k_ref, k_terms = rotated(x[:, :, Hq:Hq + Hkv], c, s)
+    q_terms, k_terms = q_terms + rot_terms[:, :, :Hq], k_terms + rot_terms[:, :, Hq:Hq + Hkv]
+    check(q, q_ref.transpose(1, 2), q_terms.transpose(1, 2), dtype, f"q; {msg}")
+
+    written = torch.zeros(B, v_buf.shape[2], dtype=torch.bool)
+    written[torch.arange(B)[:, None], positions] = True
+    k_got, v_got = k_buf.cpu().transpose(1, 2), v_buf.cpu().transpose(1, 2)  # [B, capacity, Hkv, D]
+    k_written = written[:, :k_buf.shape[2]]
+    assert k_got[~k_written].isnan().all() and v_got[~written].isnan().all(), f"wrote past the positions; {msg}"
+    # k_got[written] holds each row's written positions in increasing order: the tokens sorted by position.
+    by_position = torch.arange(B)[:, None], positions.argsort(-1)
+    check(k_got[k_written], k_ref[by_position].flatten(0, 1), k_terms[by_position].flatten(0, 1), dtype, f"k; {msg}")
+    v_ref, v_terms = x[:, :, Hq + Hkv:], t[:, :, Hq + Hkv:]
+    check(v_got[written], v_ref[by_position].flatten(0, 1), v_terms[by_position].flatten(0, 1), dtype, f"v; {msg}")
+
+
+def rope_inputs(B, L, Hkv, D, C, dtype, device, gen):
+    """cos, sin [C + 8, D]; distinct positions [B, L] (none 0, not in order, different per row); and K/V caches that
+    are the first C positions of NaN buffers with room for 5 and 9 more (strides not of their shape, nor each other's)."""
+    cos, sin = rope_table(C + 8, D, dtype)
+    positions = torch.stack([torch.randperm(C - 1, generator=gen)[:L] + 1 for _ in range(B)])
+    k_buf, v_buf = (torch.full((B, Hkv, C + spare, D), float("nan"), dtype=dtype, device=device) for spare in (5, 9))
+    return cos.to(device), sin.to(device), positions, k_buf, v_buf
+
+
 @pytest.mark.parametrize("dtype", [F32, F16, BF16])
 @pytest.mark.parametrize("D", [64, 128])
 @pytest.mark.parametrize("Hq,Hkv", [(9, 3), (4, 2)])
@@ -150,33 +180,134 @@ def test_rope_write(B, L, Hq, Hkv, D, dtype, backend, gen, seed):
     attn, device = backend
     C = 24  # cache capacity; the table has more rows than that
     qkv = randn((B, L, (Hq + 2 * Hkv) * D), gen, dtype, 2.0)
-    cos, sin = rope_table(C + 8, D, dtype)
-    # Distinct positions for each row, none 0, not in order, different per row.
-    positions = torch.stack([torch.randperm(C - 1, generator=gen)[:L] + 1 for _ in range(B)])
-    # The caches are the first C positions of NaN buffers with room for 5 and 9 more: strides not of their shape,
-    # and not each other's.
-    k_buf, v_buf = (torch.full((B, Hkv, C + spare, D), float("nan"), dtype=dtype, device=device) for spare in (5, 9))
+    cos, sin, positions, k_buf, v_buf = rope_inputs(B, L, Hkv, D, C, dtype, device, gen)
     msg = f"{attn.__name__} {dtype} B={B} L={L} Hq={Hq} Hkv={Hkv} D={D} positions={positions.tolist()} seed={seed}"
+    q = attn.rope_write(qkv.to(device), cos, sin, positions.to(device), k_buf[:, :, :C], v_buf[:, :, :C], Hq, Hkv)
+    check_rope_written(q, k_buf, v_buf, qkv.to(F64), torch.zeros(qkv.shape, dtype=F64), positions, C, Hq, Hkv, dtype,
+                       msg)
+    written = v_buf.cpu().transpose(1, 2)[torch.arange(B)[:, None], positions]  # [B, L, Hkv, D]
+    v = qkv.view(B, L, Hq + 2 * Hkv, D)[:, :, Hq + Hkv:]
+    assert torch.equal(written, v), f"v is not copied as it is; {msg}"
 
-    q = attn.rope_write(qkv.to(device), cos.to(device), sin.to(device), positions.to(device), k_buf[:, :, :C],
-                        v_buf[:, :, :C], Hq, Hkv)
 
-    x = qkv.to(F64).view(B, L, Hq + 2 * Hkv, D)
-    c, s = cos.to(F64)[positions][:, :, None], sin.to(F64)[positions][:, :, None]  # [B, L, 1, D]
-    q_ref, q_terms = rotated(x[:, :, :Hq], c, s)
-    k_ref, k_terms = rotated(x[:, :, Hq:Hq + Hkv], c, s)
-    check(q, q_ref.transpose(1, 2), q_terms.transpose(1, 2), dtype, f"q; {msg}")
+# ---------------------------------------------------------------- projections with their neighbours
+# (B, L): one and a few rows (the triton backend's one-kernel path), and more than GEMV_ROWS (torch's matmul)
+PROJECTION_ROWS = [(1, 1), (3, 1), (1, 3), (2, 3)]
 
-    written = torch.zeros(B, C + 9, dtype=torch.bool)
-    written[torch.arange(B)[:, None], positions] = True
-    k_got, v_got = k_buf.cpu().transpose(1, 2), v_buf.cpu().transpose(1, 2)  # [B, capacity, Hkv, D]
-    k_written = written[:, :C + 5]
-    assert k_got[~k_written].isnan().all() and v_got[~written].isnan().all(), f"wrote past the positions; {msg}"
-    # k_got[written] holds each row's written positions in increasing order: the tokens sorted by position.
-    by_position = torch.arange(B)[:, None], positions.argsort(-1)
-    check(k_got[k_written], k_ref[by_position].flatten(0, 1), k_terms[by_position].flatten(0, 1), dtype, f"k; {msg}")
-    v_ref = qkv.view(B, L, Hq + 2 * Hkv, D)[:, :, Hq + Hkv:]
-    assert torch.equal(v_got[written], v_ref[by_position].flatten(0, 1)), f"v is not copied as it is; {msg}"
+
+def projection_cases(dtypes):
+    """Parametrises a test over dtypes, with and without a bias, and PROJECTION_ROWS."""
+    def mark(test):
+        for parametrize in (pytest.mark.parametrize("dtype", dtypes), pytest.mark.parametrize("bias", [False, True]),
+                            pytest.mark.parametrize("B,L", PROJECTION_ROWS)):
+            test = parametrize(test)
+        return test
+    return mark
+
+
+def projection(x, w, bias, norm=None):
+    """float64 (x or rms_norm(x)) @ w.T + bias, and the magnitude of the terms of each element."""
+    x = rms_normed(x, norm[0], norm[1]) if norm is not None else x.to(F64)
+    w = w.to(F64)
+    y, terms = x @ w.T, x.abs() @ w.abs().T
+    if bias is not None:
+        y, terms = y + bias.to(F64), terms + bias.to(F64).abs()
+    return y, terms
+
+
+def projection_inputs(B, L, K, N, dtype, gen, bias):
+    x, w = randn((B, L, K), gen, dtype, 2.0), randn((N, K), gen, dtype, K ** -0.5)
+    return x, w, randn(N, gen, dtype) if bias else None
+
+
+def to(device, *tensors):
+    return [None if t is None else t.to(device) for t in tensors]
+
+
+@projection_cases([F32, F16, BF16])
+def test_norm_linear(B, L, bias, dtype, backend, gen, seed):
+    attn, device = backend
+    K, N = 200, 100  # neither a block's multiple
+    x, w, b = projection_inputs(B, L, K, N, dtype, gen, bias)
+    nw, eps = randn(K, gen, dtype), float(torch.empty(()).uniform_(1e-6, 1e-4, generator=gen))
+    y, terms = projection(x, w, b, (nw, eps))
+    check(attn.norm_linear(*to(device, x, nw), eps, *to(device, w, b)), y, terms, dtype,
+          f"{attn.__name__} {dtype} B={B} L={L} bias={bias} seed={seed}")
+
+
+@projection_cases([F32, BF16])
+def test_norm_silu_mul(B, L, bias, dtype, backend, gen, seed):
+    attn, device = backend
+    K, I = 96, 150
+    x, w, b = projection_inputs(B, L, K, 2 * I, dtype, gen, bias)
+    nw = randn(K, gen, dtype)
+    gate_up, terms = projection(x, w, b, (nw, 1e-5))
+    (gate, up), (t_gate, t_up) = gate_up.split(I, -1), terms.split(I, -1)
+    silu = gate / (1 + torch.exp(-gate))
+    y = silu * up
+    # silu's slope is at most 1.1; exp's relative error grows with its argument (as in test_silu_mul)
+    y_terms = 1.1 * t_gate * up.abs() + silu.abs() * t_up + y.abs() * (1 + gate.abs())
+    check(attn.norm_silu_mul(*to(device, x, nw), 1e-5, *to(device, w, b)), y, y_terms, dtype,
+          f"{attn.__name__} {dtype} B={B} L={L} bias={bias} seed={seed}")
+
+
+@projection_cases([F32, BF16])
+def test_linear_add(B, L, bias, dtype, backend, gen, seed):
+    attn, device = backend
+    K, N = 300, 72
+    x, w, b = projection_inputs(B, L, K, N, dtype, gen, bias)
+    residual = randn((B, L, N), gen, dtype, 3.0)
+    y, terms = projection(x, w, b)
+    y, terms = y + residual.to(F64), terms + residual.to(F64).abs()
+    check(attn.linear_add(*to(device, x, w, b, residual)), y, terms, dtype,
+          f"{attn.__name__} {dtype} B={B} L={L} bias={bias} seed={seed}")
+
+
+@pytest.mark.parametrize("D,Hq,Hkv", [(64, 9, 3), (128, 4, 2)])
+@projection_cases([F32, BF16])
+def test_norm_rope_write(B, L, D, Hq, Hkv, bias, dtype, backend, gen, seed):
+    attn, device = backend
+    K, C = 72, 24
+    x, w, b = projection_inputs(B, L, K, (Hq + 2 * Hkv) * D, dtype, gen, bias)
+    nw = randn(K, gen, dtype)
+    cos, sin, positions, k_buf, v_buf = rope_inputs(B, L, Hkv, D, C, dtype, device, gen)
+    msg = f"{attn.__name__} {dtype} B={B} L={L} Hq={Hq} Hkv={Hkv} D={D} bias={bias} seed={seed}"
+    q = attn.norm_rope_write(*to(device, x, nw), 1e-5, *to(device, w, b), cos, sin, positions.to(device),
+                             k_buf[:, :, :C], v_buf[:, :, :C], Hq, Hkv)
+    qkv, terms = projection(x, w, b, (nw, 1e-5))
+    check_rope_written(q, k_buf, v_buf, qkv, terms, positions, C, Hq, Hkv, dtype, msg)
+
+
+# ---------------------------------------------------------------- the model on the triton backend
+
+
+@pytest.mark.skipif(NO_TRITON is not None, reason=NO_TRITON or "")
+@pytest.mark.parametrize("variant,n_prompt", [("llama", 3), ("qwen2", 9), ("mistral-window", 9)])
+def test_model_on_the_triton_backend_matches_transformers(variant, n_prompt, tmp_path, monkeypatch, gen, seed):
+    """A tiny model (head_dim 64) on the triton backend (on the CPU: in the interpreter), prefilled with n_prompt
+    tokens (3: the few-rows kernels; 9: torch's matmul) and then decoding token by token, against transformers'
+    float32 logits for the whole sequence; and its greedy tokens against transformers' generate."""
+    from fachat import Engine
+    from fachat.engine.runner import Runner
+    from fachat.kernels.dispatch import BACKEND_ENV
+    from tiny import make_tiny_model
+
+    window = dict(sliding_window=6) if variant == "mistral-window" else {}  # shorter than the sequence
+    peer = make_tiny_model(tmp_path, variant, seed=seed, head_dim=64, **window)
+    monkeypatch.setenv(BACKEND_ENV, "triton")
+    engine = Engine.load(tmp_path, device=TRITON_DEVICE, dtype="float32")
+    assert engine.attention_backend == "triton"
+    ids = torch.randint(3, engine.args.vocab_size, (n_prompt + 6,), generator=gen).tolist()
+    runner = Runner(engine.model, engine.new_cache(), graphs=False)
+    got = torch.cat([runner.prefill(ids[:n_prompt])[None]] + [runner.prefill([t])[None] for t in ids[n_prompt:]])
+    with torch.no_grad():
+        want = peer(torch.tensor([ids])).logits[0, n_prompt - 1:]
+    err = ((got.cpu() - want).abs().max() / want.abs().max()).item()
+    assert err < 1e-4, f"{variant}: logits off by {err:.2e} of the largest; seed={seed}"
+    tokens = engine.generate(ids[:n_prompt], max_new_tokens=6, temperature=0).tokens
+    with torch.no_grad():
+        expected = peer.generate(torch.tensor([ids[:n_prompt]]), max_new_tokens=6, do_sample=False, min_new_tokens=6)
+    assert tokens == expected[0, n_prompt:].tolist()[:len(tokens)], f"{variant}: seed={seed}"
 
 
 # ---------------------------------------------------------------- graph capture: no value read on the host
@@ -234,22 +365,21 @@ def test_triton_reads_no_position_or_length_on_the_host(gen):
 @pytest.mark.skipif(not CUDA or NO_TRITON is not None, reason=NO_TRITON or "CUDA graphs need a GPU")
 def test_triton_decode_step_replays_from_a_cuda_graph(gen):
     """A decode step's ops captured once, replayed at other positions and lengths: bit for bit what they give
-    eagerly there (the same kernels; captured without PDL)."""
+    eagerly there (the same kernels; on Hopper with PDL, captured as programmatic edges)."""
     B, Hq, Hkv, D, H, I, C, dtype = 2, 8, 2, 128, 256, 512, 300, BF16
     cos, sin = (t.cuda() for t in rope_table(C, D, dtype))
 
     def inputs():
-        return dict(x=randn((B, 1, H), gen, dtype), residual=randn((B, 1, H), gen, dtype), weight=randn(H, gen, dtype),
+        return dict(x=randn((B, 1, H), gen, dtype), weight=randn(H, gen, dtype),
                     gate_up=randn((B, 1, 2 * I), gen, dtype), qkv=randn((B, 1, (Hq + 2 * Hkv) * D), gen, dtype),
                     k_cache=randn((B, Hkv, C, D), gen, dtype), v_cache=randn((B, Hkv, C, D), gen, dtype),
                     positions=torch.randint(0, C, (B, 1), generator=gen))
 
-    def step(x, residual, weight, gate_up, qkv, k_cache, v_cache, positions):
+    def step(x, weight, gate_up, qkv, k_cache, v_cache, positions):
         attn = triton_backend
-        normed, total = attn.rms_norm(x, weight, 1e-5, residual)
         q = attn.rope_write(qkv, cos, sin, positions, k_cache, v_cache, Hq, Hkv)
         o = attn.decode_attention(q[:, :, 0], k_cache, v_cache, positions[:, 0] + 1, num_partitions=4)
-        return normed, total, attn.silu_mul(gate_up), q, o
+        return attn.rms_norm(x, weight, 1e-5), attn.silu_mul(gate_up), q, o
 
     static = {name: t.cuda() for name, t in inputs().items()}
     side = torch.cuda.Stream()  # warm-up (compiling) off the capturing stream, as torch.cuda.graph asks

@@ -57,7 +57,8 @@ class Logits:
 
 class InterruptAt:
     """Raises KeyboardInterrupt from inside model forward number `call` (1-based), in `module`'s forward
-    hook: a decoder layer's fires before the cache advances, lm_head's after."""
+    hook: a decoder layer's fires before the cache advances, the model's own (the logits made) after, ahead of
+    other hooks there (the logits are lost: Logits never sees them)."""
 
     def __init__(self, model, module, call: int):
         self.model, self.module, self.call, self.calls, self.fired = model, module, call, 0, False
@@ -71,7 +72,7 @@ class InterruptAt:
                 self.fired = True
                 raise KeyboardInterrupt
 
-        self.handles = [self.model.register_forward_pre_hook(count), self.module.register_forward_hook(interrupt)]
+        self.handles = [self.model.register_forward_pre_hook(count), self.module.register_forward_hook(interrupt, prepend=True)]
         return self
 
     def __exit__(self, *exc):
@@ -80,10 +81,10 @@ class InterruptAt:
 
 
 def interrupt_site(eng, gen):
-    """A random place in the forward: after some decoder layer (K/V written, not committed) or lm_head
+    """A random place in the forward: after some decoder layer (K/V written, not committed) or at its end
     (the cache has advanced, the logits are lost)."""
     layers = list(eng.model.model.layers)
-    sites = layers + [eng.model.lm_head]
+    sites = layers + [eng.model]
     return sites[randint(gen, 0, len(sites) - 1)]
 
 
@@ -307,8 +308,8 @@ def test_closed_stream_keeps_the_partial_answer_and_an_unstarted_one_changes_not
     assert len(session.messages) == n + 2 and stream.generation.finish_reason == "interrupted"
 
 
-@pytest.mark.parametrize("where,phase", [("layer", "prefill"), ("layer", "decode"), ("lm_head", "prefill"),
-                                         ("lm_head", "decode"), ("consumer", "decode")])
+@pytest.mark.parametrize("where,phase", [("layer", "prefill"), ("layer", "decode"), ("logits", "prefill"),
+                                         ("logits", "decode"), ("consumer", "decode")])
 def test_keyboard_interrupt_anywhere_keeps_the_session_consistent(eng, where, phase, gen, seed):
     """Ctrl-C inside a random forward of an answer (prefill included), or in the loop over the stream:
     at most one token is uncached, the cache is exact, the partial answer joins the conversation, the
@@ -333,7 +334,7 @@ def test_keyboard_interrupt_anywhere_keeps_the_session_consistent(eng, where, ph
                     raise KeyboardInterrupt
         stream.close()  # what a CLI does after catching it
     else:
-        site = eng.model.model.layers[randint(gen, 0, 1)] if where == "layer" else eng.model.lm_head
+        site = eng.model.model.layers[randint(gen, 0, 1)] if where == "layer" else eng.model
         with InterruptAt(eng.model, site, call) as interrupt, pytest.raises(KeyboardInterrupt):
             for _ in stream:
                 pass

@@ -1,19 +1,20 @@
-"""A Llama layer's steps around attention, one Triton kernel each: RMSNorm with the residual add, SiLU times up,
-and RoPE with the K/V cache write. The contracts are those of fachat.kernels.reference; positions are read on
+"""A Llama layer's steps around attention, one Triton kernel each: RMSNorm, SiLU times up, and RoPE with the K/V
+cache write. The contracts are those of fachat.kernels.reference; positions are read on
 the device, so that a CUDA graph can capture a decode step.
 
 Each computes in fp32 from its inputs and rounds its outputs once, except where the reference rounds in between
-on purpose (the residual sum and the normalised activations of RMSNorm, which the model carries in its dtype).
+on purpose (the normalised activations of RMSNorm, and a projection's output, which the model carries in its dtype).
 """
 from __future__ import annotations
 
 from functools import cache
 
 import torch
+import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from fachat.kernels.triton.decode import Launcher
+from fachat.kernels.triton.decode import INTERPRET, Launcher, use_pdl
 
 
 def _launch(launcher: Launcher, grid, tensors: tuple, scalars: tuple, meta: dict) -> None:
@@ -22,17 +23,11 @@ def _launch(launcher: Launcher, grid, tensors: tuple, scalars: tuple, meta: dict
 
 
 @triton.jit
-def _rms_norm(X, R, W, Out, Sum, eps, stride_xr, stride_xc, stride_rr, stride_rc,
-              H: tl.constexpr, BLOCK_H: tl.constexpr, RESIDUAL: tl.constexpr):
+def _rms_norm(X, W, Out, eps, stride_xr, stride_xc, H: tl.constexpr, BLOCK_H: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK_H)
     live = cols < H
     x = tl.load(X + row * stride_xr + cols * stride_xc, mask=live, other=0.0).to(tl.float32)
-    if RESIDUAL:
-        r = tl.load(R + row * stride_rr + cols * stride_rc, mask=live, other=0.0).to(tl.float32)
-        s = (x + r).to(Sum.dtype.element_ty)  # rounded as eager x + residual rounds it: the stream goes on in T
-        tl.store(Sum + row * H + cols, s, mask=live)
-        x = s.to(tl.float32)
     inv = tl.rsqrt(tl.sum(x * x, 0) / H + eps)
     w = tl.load(W + cols, mask=live, other=0.0).to(tl.float32)
     y = (x * inv).to(Out.dtype.element_ty).to(tl.float32) * w  # normalised, rounded to T, then weighted
@@ -40,24 +35,21 @@ def _rms_norm(X, R, W, Out, Sum, eps, stride_xr, stride_xc, stride_rr, stride_rc
 
 
 @cache
-def _norm_meta(H: int, residual: bool) -> dict:
+def _norm_meta(H: int) -> dict:
     block = triton.next_power_of_2(H)
-    return dict(H=H, BLOCK_H=block, RESIDUAL=residual, num_warps=min(16, max(1, block // 256)))
+    return dict(H=H, BLOCK_H=block, num_warps=min(16, max(1, block // 256)))
 
 
 _launch_norm = Launcher(_rms_norm)
 
 
-def rms_norm(x, weight, eps, residual=None):
+def rms_norm(x, weight, eps):
     """The contract of fachat.kernels.reference.rms_norm, in one launch (one program per row)."""
     H = x.shape[-1]
     rows = x.reshape(-1, H)
     out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-    res = rows if residual is None else residual.reshape(-1, H)
-    total = out if residual is None else torch.empty_like(out)  # out stands in for the unused sum
-    _launch(_launch_norm, (rows.shape[0], 1, 1), (rows, res, weight, out, total),
-            (eps, *rows.stride(), *res.stride()), _norm_meta(H, residual is not None))
-    return out if residual is None else (out, total)
+    _launch(_launch_norm, (rows.shape[0], 1, 1), (rows, weight, out), (eps, *rows.stride()), _norm_meta(H))
+    return out
 
 
 @triton.jit
@@ -91,35 +83,44 @@ def silu_mul(gate_up):
 
 
 @triton.jit
+def _store_head(x1, x2, head, token, b, pos, half, Cos, Sin, K, V, Q, stride_cos, stride_sin, stride_kb, stride_kh,
+                stride_kn, stride_vb, stride_vh, stride_vn, HQ: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr):
+    """Stores the halves x1, x2 (fp32, values of Q's dtype) of head `head` of a token's q, k and v heads (in that
+    order): q to Q [B, L, HQ, D] turned by RoPE at pos, k likewise to the K cache at pos, v as it is to V's."""
+    if head >= HQ + HKV:
+        v = V + b * stride_vb + (head - HQ - HKV) * stride_vh + pos * stride_vn + half
+        tl.store(v, x1.to(V.dtype.element_ty))
+        tl.store(v + D // 2, x2.to(V.dtype.element_ty))
+    else:
+        cos = Cos + pos * stride_cos + half
+        sin = Sin + pos * stride_sin + half
+        # x * cos + rotate_half(x) * sin, with rotate_half(x1, x2) = (-x2, x1)
+        y1 = x1 * tl.load(cos).to(tl.float32) - x2 * tl.load(sin).to(tl.float32)
+        y2 = x2 * tl.load(cos + D // 2).to(tl.float32) + x1 * tl.load(sin + D // 2).to(tl.float32)
+        if head < HQ:
+            q = Q + (token * HQ + head) * D + half
+            tl.store(q, y1.to(Q.dtype.element_ty))
+            tl.store(q + D // 2, y2.to(Q.dtype.element_ty))
+        else:
+            k = K + b * stride_kb + (head - HQ) * stride_kh + pos * stride_kn + half
+            tl.store(k, y1.to(K.dtype.element_ty))
+            tl.store(k + D // 2, y2.to(K.dtype.element_ty))
+
+
+@triton.jit
 def _rope_write(QKV, Cos, Sin, Pos, K, V, Q, L, stride_xb, stride_xl, stride_pb, stride_pl, stride_cos,
                 stride_sin, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
                 HQ: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr):
     token = tl.program_id(0).to(tl.int64)  # b * L + l
-    head = tl.program_id(1)  # the query heads, then the KV heads
+    head = tl.program_id(1)  # the query heads, the KV heads, then the V heads
     b = token // L
     l = token % L
     pos = tl.load(Pos + b * stride_pb + l * stride_pl).to(tl.int64)
     half = tl.arange(0, D // 2)
-    x = QKV + b * stride_xb + l * stride_xl + head * D + half  # q and k heads lie in grid order
-    x1 = tl.load(x).to(tl.float32)
-    x2 = tl.load(x + D // 2).to(tl.float32)
-    cos = Cos + pos * stride_cos + half
-    sin = Sin + pos * stride_sin + half
-    # x * cos + rotate_half(x) * sin, with rotate_half(x1, x2) = (-x2, x1)
-    y1 = x1 * tl.load(cos).to(tl.float32) - x2 * tl.load(sin).to(tl.float32)
-    y2 = x2 * tl.load(cos + D // 2).to(tl.float32) + x1 * tl.load(sin + D // 2).to(tl.float32)
-    if head < HQ:
-        q = Q + (token * HQ + head) * D + half  # Q: contiguous [B, L, HQ, D]
-        tl.store(q, y1.to(Q.dtype.element_ty))
-        tl.store(q + D // 2, y2.to(Q.dtype.element_ty))
-    else:
-        h = head - HQ
-        k = K + b * stride_kb + h * stride_kh + pos * stride_kn + half
-        tl.store(k, y1.to(K.dtype.element_ty))
-        tl.store(k + D // 2, y2.to(K.dtype.element_ty))
-        v = V + b * stride_vb + h * stride_vh + pos * stride_vn + half
-        tl.store(v, tl.load(x + HKV * D))  # v head h lies HKV heads past k head h
-        tl.store(v + D // 2, tl.load(x + HKV * D + D // 2))
+    x = QKV + b * stride_xb + l * stride_xl + head * D + half  # heads lie in grid order
+    _store_head(tl.load(x).to(tl.float32), tl.load(x + D // 2).to(tl.float32), head, token, b, pos, half, Cos, Sin,
+                K, V, Q, stride_cos, stride_sin, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
+                HQ, HKV, D)
 
 
 @cache
@@ -131,13 +132,227 @@ _launch_rope = Launcher(_rope_write)
 
 
 def rope_write(qkv, cos, sin, positions, k_cache, v_cache, n_heads: int, n_kv_heads: int):
-    """The contract of fachat.kernels.reference.rope_write, in one launch (a program per token and q or k head),
+    """The contract of fachat.kernels.reference.rope_write, in one launch (a program per token and head),
     for head_dim a power of two with unit stride along head_dim everywhere. positions must lie within the
     caches' capacity: the kernel writes there unchecked."""
     B, L, _ = qkv.shape
     D = cos.shape[-1]
     q = torch.empty((B, L, n_heads, D), dtype=qkv.dtype, device=qkv.device)
-    _launch(_launch_rope, (B * L, n_heads + n_kv_heads, 1), (qkv, cos, sin, positions, k_cache, v_cache, q),
+    _launch(_launch_rope, (B * L, n_heads + 2 * n_kv_heads, 1), (qkv, cos, sin, positions, k_cache, v_cache, q),
             (L, *qkv.stride()[:2], *positions.stride(), cos.stride(0), sin.stride(0), *k_cache.stride()[:3],
              *v_cache.stride()[:3]), _rope_meta(n_heads, n_kv_heads, D))
+    return q.transpose(1, 2)
+
+
+# ---------------------------------------------------------------- projections of a few rows (decode)
+# A decode step's matrix products have one row per sequence: they stream their weights once, and the steps
+# around them (RMSNorm before, the residual add, SiLU-mul or RoPE with the cache write after) cost a launch
+# each, longer than their work. So for up to GEMV_ROWS rows each projection is one kernel with its neighbours
+# fused; more rows (prefill) take torch's matmul and the kernels above.
+GEMV_ROWS = 4
+
+
+@triton.jit
+def _inv_rms(X, eps, K: tl.constexpr, BLOCK_K: tl.constexpr):
+    ss = tl.zeros((BLOCK_K,), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        cols = k0 + tl.arange(0, BLOCK_K)
+        x = tl.load(X + cols, mask=cols < K, other=0.0).to(tl.float32)
+        ss += x * x
+    return tl.rsqrt(tl.sum(ss, 0) / K + eps)
+
+
+@triton.jit
+def _weights(W, rows, live, k0, K: tl.constexpr, BLOCK_K: tl.constexpr):
+    cols = k0 + tl.arange(0, BLOCK_K)
+    return tl.load(W + rows[:, None].to(tl.int64) * K + cols[None, :], mask=live[:, None] & (cols < K)[None, :],
+                   other=0.0)
+
+
+@triton.jit
+def _input(X, NW, inv, k0, K: tl.constexpr, BLOCK_K: tl.constexpr, NORM: tl.constexpr):
+    """X[k0:k0 + BLOCK_K] in fp32, normalised by inv and weighted by NW where NORM, rounded as
+    fachat.kernels.reference.rms_norm rounds."""
+    cols = k0 + tl.arange(0, BLOCK_K)
+    in_k = cols < K
+    x = tl.load(X + cols, mask=in_k, other=0.0)
+    if NORM:
+        normed = (x.to(tl.float32) * inv).to(X.dtype.element_ty).to(tl.float32)
+        x = (normed * tl.load(NW + cols, mask=in_k, other=0.0).to(tl.float32)).to(X.dtype.element_ty)
+    return x.to(tl.float32)
+
+
+@triton.jit
+def _dot_rows(X, NW, W, w0, rows, live, inv, K: tl.constexpr, BLOCK_K: tl.constexpr, NORM: tl.constexpr):
+    """fp32 sums over k of W[rows, k] * x[k] (_input's x), given w0, W's first BLOCK_K columns of the rows."""
+    acc = w0.to(tl.float32) * _input(X, NW, inv, 0, K, BLOCK_K, NORM)[None, :]
+    for k0 in range(BLOCK_K, K, BLOCK_K):
+        w = _weights(W, rows, live, k0, K, BLOCK_K)
+        acc += w.to(tl.float32) * _input(X, NW, inv, k0, K, BLOCK_K, NORM)[None, :]
+    return tl.sum(acc, 1)
+
+
+@triton.jit
+def _start(W, rows, live, K: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr):
+    """The rows' first weights, loaded before waiting (PDL) for the kernel ahead, which never writes weights:
+    their reading overlaps its end."""
+    w0 = _weights(W, rows, live, 0, K, BLOCK_K)
+    if PDL:
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
+    return w0
+
+
+@triton.jit
+def _output(X, NW, W, w0, Bias, rows, live, inv, K: tl.constexpr, BLOCK_K: tl.constexpr, NORM: tl.constexpr,
+            BIAS: tl.constexpr):
+    """W[rows] @ x (+ bias) rounded to X's dtype, as F.linear of _input's x gives it, in fp32."""
+    y = _dot_rows(X, NW, W, w0, rows, live, inv, K, BLOCK_K, NORM)
+    if BIAS:
+        y += tl.load(Bias + rows, mask=live, other=0.0).to(tl.float32)
+    return y.to(X.dtype.element_ty).to(tl.float32)
+
+
+@triton.jit
+def _linear(X, NW, W, Bias, R, Out, eps, stride_xm, stride_rm, N, K: tl.constexpr, BLOCK_R: tl.constexpr,
+            BLOCK_K: tl.constexpr, NORM: tl.constexpr, BIAS: tl.constexpr, ADD: tl.constexpr, SILU: tl.constexpr,
+            PDL: tl.constexpr):
+    """Out[m, rows] for row m of X: W @ x, x = rms_norm(X[m]) where NORM, plus Bias, then with SILU
+    silu(gate) * up of W's two halves (gate rows, then up rows N further), with ADD plus R[m]."""
+    m = tl.program_id(1).to(tl.int64)
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    live = rows < N
+    w0 = _start(W, rows, live, K, BLOCK_K, PDL)
+    X += m * stride_xm
+    inv = 1.0
+    if NORM:
+        inv = _inv_rms(X, eps, K, BLOCK_K)
+    y = _output(X, NW, W, w0, Bias, rows, live, inv, K, BLOCK_K, NORM, BIAS)
+    if SILU:
+        up = _output(X, NW, W, _weights(W, rows + N, live, 0, K, BLOCK_K), Bias, rows + N, live, inv, K, BLOCK_K,
+                     NORM, BIAS)
+        y = y * tl.sigmoid(y) * up
+    if ADD:
+        y = y.to(Out.dtype.element_ty).to(tl.float32) + tl.load(R + m * stride_rm + rows, mask=live).to(tl.float32)
+    tl.store(Out + m * N + rows, y.to(Out.dtype.element_ty), mask=live)
+
+
+@triton.jit
+def _norm_rope_write(X, NW, W, Bias, Cos, Sin, Pos, K, V, Q, eps, stride_xm, L, stride_pb, stride_pl, stride_cos,
+                     stride_sin, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
+                     HIDDEN: tl.constexpr, HQ: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr,
+                     BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, BIAS: tl.constexpr, PDL: tl.constexpr):
+    """For token m = b * L + l: the rows r and r + D/2 of one q, k or v head of W @ rms_norm(X[m]) (+ Bias), for
+    BLOCK_R values of r; q and k turned by RoPE at the token's position, q stored to Q [B, L, HQ, D], k and v
+    to the caches there."""
+    m = tl.program_id(1).to(tl.int64)
+    per_head: tl.constexpr = D // 2 // BLOCK_R
+    head = tl.program_id(0) // per_head  # the query heads, then the KV heads, then the V heads
+    half = (tl.program_id(0) % per_head) * BLOCK_R + tl.arange(0, BLOCK_R)
+    rows = head * D + half
+    live = half < D // 2
+    w0 = _start(W, rows, live, HIDDEN, BLOCK_K, PDL)
+    X += m * stride_xm
+    inv = _inv_rms(X, eps, HIDDEN, BLOCK_K)
+    x1 = _output(X, NW, W, w0, Bias, rows, live, inv, HIDDEN, BLOCK_K, True, BIAS)
+    x2 = _output(X, NW, W, _weights(W, rows + D // 2, live, 0, HIDDEN, BLOCK_K), Bias, rows + D // 2, live, inv,
+                 HIDDEN, BLOCK_K, True, BIAS)
+    b = m // L
+    pos = tl.load(Pos + b * stride_pb + (m % L) * stride_pl).to(tl.int64)
+    _store_head(x1, x2, head, m, b, pos, half, Cos, Sin, K, V, Q, stride_cos,
+                stride_sin, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn, HQ, HKV, D)
+
+
+def gemv_blocks(rows: int, K: int) -> tuple[int, int]:
+    """(BLOCK_R, BLOCK_K): output rows a program takes and the reduction's step. From benchmarks/projections.py
+    --sweep on an H200 (bf16, SmolLM2-135M and Llama-3.2-1B shapes): many programs of two rows won, with up to
+    8K weights a step (all of a row's at hidden sizes to 4096, loaded before the wait for the kernel ahead);
+    a vocabulary's or a wide MLP's rows went best four a program, 4K weights a step."""
+    if INTERPRET:  # it runs the programs one at a time: the fewest
+        return 64, triton.next_power_of_2(K)
+    block_r = 2 if rows <= 4096 else 4
+    return block_r, min(triton.next_power_of_2(K), (8192 if rows <= 4096 else 4096) // block_r)
+
+
+@cache
+def _linear_meta(N: int, K: int, norm: bool, bias: bool, add: bool, silu: bool, pdl: bool) -> dict:
+    block_r, block_k = gemv_blocks(N, K)
+    return dict(K=K, BLOCK_R=block_r, BLOCK_K=block_k, NORM=norm, BIAS=bias, ADD=add, SILU=silu, PDL=pdl,
+                launch_pdl=pdl, num_warps=4)
+
+
+@cache
+def _rope_linear_meta(hidden: int, n_heads: int, n_kv_heads: int, D: int, bias: bool, pdl: bool) -> dict:
+    block_r, block_k = gemv_blocks((n_heads + 2 * n_kv_heads) * D // 2, hidden)
+    return dict(HIDDEN=hidden, HQ=n_heads, HKV=n_kv_heads, D=D, BLOCK_R=min(block_r, D // 2), BLOCK_K=block_k,
+                BIAS=bias, PDL=pdl, launch_pdl=pdl, num_warps=4)
+
+
+_launch_linear = Launcher(_linear)
+_launch_rope_linear = Launcher(_norm_rope_write)
+
+
+def _gemv(x, weight, bias, N: int, norm=None, residual=None, silu=False):
+    """_linear over the rows of x [..., K] -> [..., N] (silu: weight holds 2 * N rows)."""
+    K = x.shape[-1]
+    rows = x.reshape(-1, K)
+    if rows.stride(-1) != 1:
+        rows = rows.contiguous()
+    out = torch.empty((*x.shape[:-1], N), dtype=x.dtype, device=x.device)
+    nw, eps = norm if norm is not None else (weight, 0.0)
+    res = residual.reshape(-1, N) if residual is not None else out
+    meta = _linear_meta(N, K, norm is not None, bias is not None, residual is not None, silu,
+                        use_pdl(x.device))
+    block = meta["BLOCK_R"]
+    _launch(_launch_linear, (triton.cdiv(N, block), rows.shape[0], 1),
+            (rows, nw, weight.contiguous(), weight if bias is None else bias, res, out),
+            (float(eps), rows.stride(0), res.stride(0), N), meta)
+    return out
+
+
+def _few_rows(x) -> bool:
+    return x.numel() // x.shape[-1] <= GEMV_ROWS
+
+
+def norm_linear(x, norm_weight, eps, weight, bias=None):
+    """The contract of fachat.kernels.reference.norm_linear; one launch for up to GEMV_ROWS rows."""
+    if not _few_rows(x):
+        return F.linear(rms_norm(x, norm_weight, eps), weight, bias)
+    return _gemv(x, weight, bias, weight.shape[0], norm=(norm_weight, eps))
+
+
+def norm_silu_mul(x, norm_weight, eps, weight, bias=None):
+    """The contract of fachat.kernels.reference.norm_silu_mul; one launch for up to GEMV_ROWS rows."""
+    if not _few_rows(x):
+        return silu_mul(F.linear(rms_norm(x, norm_weight, eps), weight, bias))
+    return _gemv(x, weight, bias, weight.shape[0] // 2, norm=(norm_weight, eps), silu=True)
+
+
+def linear_add(x, weight, bias, residual):
+    """The contract of fachat.kernels.reference.linear_add; one launch for up to GEMV_ROWS rows."""
+    if not _few_rows(x):
+        return residual + F.linear(x, weight, bias)
+    return _gemv(x, weight, bias, weight.shape[0], residual=residual)
+
+
+def norm_rope_write(x, norm_weight, eps, weight, bias, cos, sin, positions, k_cache, v_cache, n_heads: int,
+                    n_kv_heads: int):
+    """The contract of fachat.kernels.reference.norm_rope_write (and rope_write's conditions); one launch for up
+    to GEMV_ROWS tokens."""
+    if not _few_rows(x):
+        return rope_write(F.linear(rms_norm(x, norm_weight, eps), weight, bias), cos, sin, positions, k_cache,
+                          v_cache, n_heads, n_kv_heads)
+    B, L, hidden = x.shape
+    D = cos.shape[-1]
+    rows = x.reshape(-1, hidden)
+    if rows.stride(-1) != 1:
+        rows = rows.contiguous()
+    q = torch.empty((B, L, n_heads, D), dtype=x.dtype, device=x.device)
+    meta = _rope_linear_meta(hidden, n_heads, n_kv_heads, D, bias is not None, use_pdl(x.device))
+    programs = (n_heads + 2 * n_kv_heads) * (D // 2 // meta["BLOCK_R"])
+    _launch(_launch_rope_linear, (programs, B * L, 1),
+            (rows, norm_weight, weight.contiguous(), weight if bias is None else bias, cos, sin, positions, k_cache,
+             v_cache, q),
+            (float(eps), rows.stride(0), L, *positions.stride(), cos.stride(0), sin.stride(0), *k_cache.stride()[:3],
+             *v_cache.stride()[:3]), meta)
     return q.transpose(1, 2)

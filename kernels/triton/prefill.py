@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fachat.kernels.triton.decode import (INTERPRET, Launcher, _dot, _sm_count, _tanh, dot_args, kernel_layout,
+from fachat.kernels.triton.decode import (INTERPRET, Launcher, _dot, sm_count, _tanh, dot_args, kernel_layout,
                                           output_for, score_scales)
 
 
@@ -55,7 +55,7 @@ def config_for(q_shape: torch.Size, dtype: torch.dtype, device: torch.device) ->
     """This module's kernel configuration for queries of q_shape [B, Hq, Lq, D] over K/V of dtype."""
     B, Hq, Lq, D = q_shape
     cfg = config(D, dtype)
-    if B * Hq * triton.cdiv(Lq, cfg.block_m) >= 2 * _sm_count(device):
+    if B * Hq * triton.cdiv(Lq, cfg.block_m) >= 2 * sm_count(device):
         cfg = config(D, dtype, two_per_sm=True)
     return cfg
 

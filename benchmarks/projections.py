@@ -1,0 +1,124 @@
+"""A decode step's projections, fused with their neighbours (one kernel each, fachat.kernels.triton.fused), against
+what they replace: torch's matmul (cuBLAS) with the layer's other kernels around it. One CUDA GPU, batch 1, bf16,
+the shapes of SmolLM2-135M and Llama-3.2-1B.
+
+    python benchmarks/projections.py [--sweep] [--out benchmarks/results/projections_cuda.json]
+
+GPU µs per call from CUDA graphs of many calls, each on another of several weight sets so that L2 never holds the
+set a call reads, as in a decode step, whose weights are read once (benchmarks/attention.py's gpu_us). GB/s counts
+the weights read, and "of copy" relates that to the device-to-device copy bandwidth measured in the same run.
+--sweep times each fused kernel over rows a program (BLOCK_R) and weights a step (BLOCK_R * BLOCK_K). Prints a table; writes JSON.
+"""
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import platform
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from attention import copy_bandwidth, gpu_us, sets_for
+from fachat.kernels.triton import fused
+
+SHAPES = {  # hidden, intermediate, heads, kv heads, head_dim, vocab
+    "smollm2": (576, 1536, 9, 3, 64, 49152),
+    "llama-1b": (2048, 8192, 32, 8, 64, 128256),
+}
+DTYPE = torch.bfloat16
+CAPACITY = 512
+metas = []  # --sweep's caches of launch arguments, alive for good
+
+
+def cases(model: str) -> dict:
+    """name -> (weight bytes, sets) where sets builds one set of inputs and returns (fused call, unfused call)."""
+    hidden, inter, hq, hkv, d, vocab = SHAPES[model]
+    dev = "cuda"
+
+    def rnd(*shape):
+        return torch.randn(shape, device=dev, dtype=DTYPE) * shape[-1] ** -0.5
+
+    cos, sin = (torch.randn(CAPACITY, d, device=dev, dtype=DTYPE) for _ in range(2))
+    pos = torch.tensor([[CAPACITY // 2]], device=dev)
+    k, v = (torch.zeros(1, hkv, CAPACITY, d, device=dev, dtype=DTYPE) for _ in range(2))
+    h, nw = rnd(1, 1, hidden), rnd(hidden)
+
+    def qkv():
+        w = rnd((hq + 2 * hkv) * d, hidden)
+        return (lambda: fused.norm_rope_write(h, nw, 1e-5, w, None, cos, sin, pos, k, v, hq, hkv),
+                lambda: fused.rope_write(F.linear(fused.rms_norm(h, nw, 1e-5), w), cos, sin, pos, k, v, hq, hkv))
+
+    def o_proj():
+        w, o = rnd(hidden, hq * d), rnd(1, 1, hq * d)
+        return lambda: fused.linear_add(o, w, None, h), lambda: h + F.linear(o, w)
+
+    def gate_up():
+        w = rnd(2 * inter, hidden)
+        return (lambda: fused.norm_silu_mul(h, nw, 1e-5, w),
+                lambda: fused.silu_mul(F.linear(fused.rms_norm(h, nw, 1e-5), w)))
+
+    def down():
+        w, x = rnd(hidden, inter), rnd(1, 1, inter)
+        return lambda: fused.linear_add(x, w, None, h), lambda: h + F.linear(x, w)
+
+    def lm_head():
+        w = rnd(vocab, hidden)
+        return lambda: fused.norm_linear(h[:, -1], nw, 1e-5, w), lambda: F.linear(fused.rms_norm(h[:, -1], nw, 1e-5), w)
+
+    sizes = {"qkv": (hq + 2 * hkv) * d * hidden, "o_proj": hidden * hq * d, "gate_up": 2 * inter * hidden,
+             "down": hidden * inter, "lm_head": vocab * hidden}
+    makers = {"qkv": qkv, "o_proj": o_proj, "gate_up": gate_up, "down": down, "lm_head": lm_head}
+    return {name: (sizes[name] * DTYPE.itemsize, makers[name]) for name in makers}
+
+
+def measure(model: str, sweep: bool, copy_gbs: float) -> list[dict]:
+    rows = []
+    for name, (nbytes, make) in cases(model).items():
+        sets = [make() for _ in range(sets_for(nbytes))]
+        calls = {"fused": [s[0] for s in sets], "unfused": [s[1] for s in sets]}
+        per_graph = max(64, len(sets))
+        if sweep:
+            saved = fused.gemv_blocks, fused._linear_meta, fused._rope_linear_meta
+            for block_r in (2, 4, 8, 16, 32):
+                for tile in (4096, 8192):  # weights a step
+                    block_k = max(64, tile // block_r)
+                    fused.gemv_blocks = lambda rows, K, r=block_r, kk=block_k: (r, min(kk, 1 << (K - 1).bit_length()))
+                    # New caches of the launch arguments, the old ones kept: launchers key on the dicts' ids.
+                    metas.append((fused._linear_meta, fused._rope_linear_meta))
+                    fused._linear_meta = functools.cache(saved[1].__wrapped__)
+                    fused._rope_linear_meta = functools.cache(saved[2].__wrapped__)
+                    us = gpu_us({"x": [s[0] for s in sets]}, per_graph)["x"]
+                    rows.append(dict(model=model, op=name, impl=f"fused r{block_r} k{block_k}", us=us,
+                                     gbs=nbytes / us / 1e3))
+            metas.append((fused._linear_meta, fused._rope_linear_meta))
+            fused.gemv_blocks, fused._linear_meta, fused._rope_linear_meta = saved
+        for impl, us in gpu_us(calls, per_graph).items():
+            rows.append(dict(model=model, op=name, impl=impl, us=us, gbs=nbytes / us / 1e3,
+                             of_copy=nbytes / us / 1e3 / copy_gbs, mb=nbytes / 2**20))
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--models", default=",".join(SHAPES))
+    ap.add_argument("--sweep", action="store_true")
+    ap.add_argument("--out", default="benchmarks/results/projections_cuda.json")
+    args = ap.parse_args()
+    copy_gbs = copy_bandwidth()
+    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}; copy bandwidth {copy_gbs:.0f} GB/s")
+    rows = [r for m in args.models.split(",") for r in measure(m, args.sweep, copy_gbs)]
+    print(f"{'model':9} {'op':8} {'impl':18} {'MB':>7} {'µs':>8} {'GB/s':>7} {'of copy':>7}")
+    for r in rows:
+        of_copy = f"{r['of_copy']:.0%}" if "of_copy" in r else ""
+        mb = f"{r['mb']:.1f}" if "mb" in r else ""
+        print(f"{r['model']:9} {r['op']:8} {r['impl']:18} {mb:>7} {r['us']:8.2f} {r['gbs']:7.0f} {of_copy:>7}")
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(dict(device=torch.cuda.get_device_name(), torch=torch.__version__,
+                                              host=platform.node(), copy_gbs=copy_gbs, rows=rows), indent=1))
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
