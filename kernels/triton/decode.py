@@ -332,10 +332,12 @@ def workspace(rows: int, num_parts: int, head_dim: int, device: torch.device,
 
 @cache
 def use_pdl(device: torch.device) -> bool:
-    """Whether the kernels go out with programmatic dependent launch: compiled, on Hopper or later. Under
-    CUDA-graph capture too (CUDA >= 12.3 records the launches as programmatic edges): on an H200 that took
-    a SmolLM2-135M decode step from 0.60 to 0.48 ms, graph replay giving the eager tokens."""
-    return not INTERPRET and device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
+    """Whether the kernels go out with programmatic dependent launch: compiled, on Hopper or later, with
+    CUDA 12.3 or later, which records such launches under CUDA-graph capture as programmatic edges (on an
+    H200 that took a SmolLM2-135M decode step from 0.60 to 0.48 ms, graph replay giving the eager tokens)."""
+    cuda = tuple(int(part) for part in (torch.version.cuda or "0.0").split(".")[:2])
+    return (not INTERPRET and device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
+            and cuda >= (12, 3))
 
 
 @cache
