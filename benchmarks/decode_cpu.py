@@ -1,10 +1,14 @@
-"""Decode and prefill tok/s of fa-chat against transformers' generate, same model, dtype and prompt, one run.
+"""Decode and prefill tok/s of fa-chat against transformers' generate and llama.cpp, same GGUF and prompt, one run.
 
     python benchmarks/decode_cpu.py [--model PATH.gguf] [--prompt-tokens 256] [--new-tokens 128]
 
-Both sides generate exactly --new-tokens greedy tokens (eos is ignored: fa-chat by clearing its
-eos ids, transformers by min_new_tokens). Runs alternate between the two, and each figure is the
-median of --repeats runs. Prints a table and writes JSON to benchmarks/results/.
+fa-chat and transformers dequantize the GGUF to --dtype; llama.cpp (llama-cpp-python, a benchmark-only
+dependency: pip install llama-cpp-python; left out where it does not import) runs the file's quantized blocks.
+Every engine generates exactly --new-tokens greedy tokens from the same token ids (eos is ignored: fa-chat by
+clearing its eos ids, transformers by min_new_tokens, llama.cpp's generate never stops by itself). Runs
+alternate between the engines, and each figure is the median of --repeats runs. Load s: the engine's load;
+RSS MB: the process's resident memory after the load and a warm-up, less before the load. Prints a table and
+writes JSON and a PNG to benchmarks/results/.
 """
 from __future__ import annotations
 
@@ -55,6 +59,51 @@ def time_hf(model, ids: list[int], new_tokens: int) -> tuple[float, float]:
     return len(ids) / first, (new_tokens - 1) / (total - first)
 
 
+def time_llama_cpp(llm, ids: list[int], new_tokens: int) -> tuple[float, float]:
+    llm.reset()
+    t0 = time.perf_counter()
+    n = 0
+    for _ in llm.generate(ids, temp=0.0, reset=True):
+        n += 1
+        if n == 1:
+            first = time.perf_counter()
+        if n == new_tokens:
+            break
+    return len(ids) / (first - t0), (new_tokens - 1) / (time.perf_counter() - first)
+
+
+def rss_mb() -> float:
+    import psutil
+
+    return psutil.Process().memory_info().rss / 2**20
+
+
+def loaded(load, warm_up):
+    """(the engine, load seconds, RSS MB it added, warm-up included)."""
+    before = rss_mb()
+    t0 = time.perf_counter()
+    engine = load()
+    seconds = time.perf_counter() - t0
+    warm_up(engine)
+    return engine, seconds, rss_mb() - before
+
+
+def plot(result: dict, path: Path) -> None:
+    """Decode and prefill tok/s of each engine, as bars."""
+    import plots
+
+    fig, axes = plots.panels(2)
+    names = list(result["engines"])
+    for ax, key in zip(axes, ("decode_tok_s", "prefill_tok_s")):
+        ax.bar(names, [result["engines"][n][key] for n in names], color=["C0", "C1", "C2"][:len(names)])
+        ax.set_ylabel(key.replace("_tok_s", " tok/s (median)"))
+        ax.grid(True, axis="y", alpha=0.3)
+    fig.suptitle(f"{Path(result['model']).name}, CPU, {result['threads']} threads, prompt {result['prompt_tokens']}, "
+                 f"{result['new_tokens']} new tokens")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=None, help="a .gguf file (default: the embedded SmolLM2-135M-Instruct)")
@@ -69,42 +118,66 @@ def main() -> None:
 
     path = Path(a.model or default_model())
     dtype = getattr(torch, a.dtype)
-    engine = Engine.load(path, device="cpu", dtype=dtype)
-    engine.tokenizer.eos_token_ids = []  # always generate exactly --new-tokens
-    hf = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype).eval()
+    engines = {}  # name -> (timing function, engine)
+    loads = {}  # name -> (load s, RSS MB)
+
+    def warm_ours(e: Engine) -> None:
+        e.tokenizer.eos_token_ids = []  # always generate exactly --new-tokens
+        time_ours(e, prompt_ids(e, 32), 4)
+
+    engine, *loads["fa-chat"] = loaded(lambda: Engine.load(path, device="cpu", dtype=dtype), warm_ours)
+    engines["fa-chat"] = (time_ours, engine)
     ids = prompt_ids(engine, a.prompt_tokens)
-    weight_bytes = sum(p.nbytes for p in engine.model.parameters())  # read once per decoded token
+    hf, *loads["transformers"] = loaded(
+        lambda: AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype).eval(),
+        lambda m: time_hf(m, ids[:32], 4))
+    engines["transformers"] = (time_hf, hf)
+    try:
+        import llama_cpp
+    except ImportError as e:
+        print(f"llama.cpp left out: {e}")
+    else:
+        llm, *loads["llama.cpp"] = loaded(
+            lambda: llama_cpp.Llama(model_path=str(path), n_threads=torch.get_num_threads(),
+                                    n_ctx=a.prompt_tokens + a.new_tokens + 16, verbose=False),
+            lambda m: time_llama_cpp(m, ids[:32], 4))
+        engines["llama.cpp"] = (time_llama_cpp, llm)
+    weight_bytes = sum(p.nbytes for p in engine.model.parameters())  # read once per decoded token (dequantized)
 
-    time_ours(engine, ids[:32], 4), time_hf(hf, ids[:32], 4)  # warm-up
-    ours, theirs = [], []
+    runs = {name: [] for name in engines}
     for _ in range(a.repeats):
-        ours.append(time_ours(engine, ids, a.new_tokens))
-        theirs.append(time_hf(hf, ids, a.new_tokens))
+        for name, (timed, model) in engines.items():
+            runs[name].append(timed(model, ids, a.new_tokens))
 
-    def summary(runs):
-        prefill, decode = statistics.median(r[0] for r in runs), statistics.median(r[1] for r in runs)
-        return {"prefill_tok_s": prefill, "decode_tok_s": decode, "decode_GB_s": decode * weight_bytes / 1e9,
-                "runs": [{"prefill_tok_s": p, "decode_tok_s": d} for p, d in runs]}
+    def summary(name):
+        prefill, decode = (statistics.median(r[i] for r in runs[name]) for i in (0, 1))
+        return {"prefill_tok_s": prefill, "decode_tok_s": decode, "load_s": loads[name][0], "rss_MB": loads[name][1],
+                "runs": [{"prefill_tok_s": p, "decode_tok_s": d} for p, d in runs[name]]}
 
     result = {
-        "model": str(path), "dtype": a.dtype, "device": "cpu", "threads": torch.get_num_threads(),
-        "cpu": platform.processor() or platform.machine(), "torch": torch.__version__,
-        "prompt_tokens": a.prompt_tokens, "new_tokens": a.new_tokens, "repeats": a.repeats,
-        "weight_bytes": weight_bytes, "fa_chat": summary(ours), "transformers": summary(theirs),
+        "model": str(path), "file_MB": path.stat().st_size / 2**20, "dtype": a.dtype, "device": "cpu",
+        "threads": torch.get_num_threads(), "cpu": platform.processor() or platform.machine(),
+        "torch": torch.__version__, "prompt_tokens": a.prompt_tokens, "new_tokens": a.new_tokens,
+        "repeats": a.repeats, "dequantized_weight_bytes": weight_bytes,
+        "engines": {name: summary(name) for name in engines},
     }
-    f, t = result["fa_chat"], result["transformers"]
-    print(f"\nSmolLM2 on CPU, {a.dtype}, {torch.get_num_threads()} threads, prompt {a.prompt_tokens}, "
-          f"{a.new_tokens} new tokens, median of {a.repeats}")
-    print(f"{'':14}{'prefill tok/s':>15}{'decode tok/s':>15}{'decode GB/s':>13}")
-    for name, r in (("fa-chat", f), ("transformers", t)):
-        print(f"{name:14}{r['prefill_tok_s']:15.1f}{r['decode_tok_s']:15.1f}{r['decode_GB_s']:13.2f}")
-    print(f"{'ratio':14}{f['prefill_tok_s'] / t['prefill_tok_s']:14.2f}x{f['decode_tok_s'] / t['decode_tok_s']:14.2f}x")
+    f = result["engines"]["fa-chat"]
+    print(f"\n{path.name} on CPU ({result['file_MB']:.0f} MB), fa-chat and transformers in {a.dtype}, "
+          f"{torch.get_num_threads()} threads, prompt {a.prompt_tokens}, {a.new_tokens} new tokens, "
+          f"median of {a.repeats}")
+    print(f"{'':14}{'prefill tok/s':>15}{'decode tok/s':>14}{'load s':>8}{'RSS MB':>8}"
+          f"{'fa-chat prefill / decode':>26}")
+    for name, r in result["engines"].items():
+        ratio = f"{f['prefill_tok_s'] / r['prefill_tok_s']:.2f}x / {f['decode_tok_s'] / r['decode_tok_s']:.2f}x"
+        print(f"{name:14}{r['prefill_tok_s']:15.1f}{r['decode_tok_s']:14.1f}{r['load_s']:8.2f}{r['rss_MB']:8.0f}"
+              f"{ratio:>26}")
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(".tmp")
     tmp.write_text(json.dumps(result, indent=2))
     os.replace(tmp, out)
-    print(f"wrote {out}")
+    plot(result, out.with_suffix(".png"))
+    print(f"wrote {out} and {out.with_suffix('.png')}")
 
 
 if __name__ == "__main__":
