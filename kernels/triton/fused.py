@@ -292,12 +292,16 @@ _launch_linear = Launcher(_linear)
 _launch_rope_linear = Launcher(_norm_rope_write)
 
 
+def _rows(x):
+    """x [..., K] as rows [M, K] with unit stride along K, as the projection kernels read them."""
+    rows = x.reshape(-1, x.shape[-1])
+    return rows if rows.stride(-1) == 1 else rows.contiguous()
+
+
 def _gemv(x, weight, bias, N: int, norm=None, residual=None, silu=False):
     """_linear over the rows of x [..., K] -> [..., N] (silu: weight holds 2 * N rows)."""
     K = x.shape[-1]
-    rows = x.reshape(-1, K)
-    if rows.stride(-1) != 1:
-        rows = rows.contiguous()
+    rows = _rows(x)
     out = torch.empty((*x.shape[:-1], N), dtype=x.dtype, device=x.device)
     nw, eps = norm if norm is not None else (weight, 0.0)
     res = residual.reshape(-1, N) if residual is not None else out
@@ -344,9 +348,7 @@ def norm_rope_write(x, norm_weight, eps, weight, bias, cos, sin, positions, k_ca
                           v_cache, n_heads, n_kv_heads)
     B, L, hidden = x.shape
     D = cos.shape[-1]
-    rows = x.reshape(-1, hidden)
-    if rows.stride(-1) != 1:
-        rows = rows.contiguous()
+    rows = _rows(x)
     q = torch.empty((B, L, n_heads, D), dtype=x.dtype, device=x.device)
     meta = _rope_linear_meta(hidden, n_heads, n_kv_heads, D, bias is not None, use_pdl(x.device))
     programs = (n_heads + 2 * n_kv_heads) * (D // 2 // meta["BLOCK_R"])
