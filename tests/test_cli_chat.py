@@ -51,6 +51,10 @@ def test_a_pasted_block_and_a_fenced_block_are_one_message_each(tmp_path, tiny_d
     child.sendintr()
     child.expect_exact(PROMPT)
     child.send("half typed, never sent")
+    # Ctrl-C once the line shows, as a person presses it: one that comes while readline is still taking the
+    # keys in reaches Python only at the next key (CPython's readline loop checks signals when select() is
+    # interrupted), and the terminal's flush on Ctrl-C drops the echo.
+    child.expect_exact("never sent")
     child.sendintr()
     child.expect_exact(PROMPT)
     repl.say("/save chat.safetensors")
