@@ -14,6 +14,8 @@ does under transformers' default init. No eos id is set, so every engine makes e
 Engines (--peers), each in try/except so that one failing keeps the others' figures:
   fa-chat            Engine.generate(ids, temperature=0)
   fa-chat-nographs   a second engine loaded with FACHAT_CUDA_GRAPHS=0
+  fa-chat-int4       an engine loaded with quantize="int4" (linear layers as groupwise int4, bf16 activations);
+                     its roofline counts its own weight bytes
   hf-eager           transformers generate, DynamicCache (min_new_tokens = max_new_tokens)
   hf-static          cache_implementation="static", which transformers 5 compiles itself (CompileConfig: mode
                      "reduce-overhead"; dynamic=False here); main case only, as each cache size recompiles
@@ -77,7 +79,7 @@ QUICK = {  # --quick: 2 layers; GQA and head_dim 64 kept
 }
 DEFAULTS = dict(new_tokens=(256, 16), prompt=(128, 16), contexts=("128,2048,8192", "32,64,128"),
                 context_new_tokens=(64, 8), profile_tokens=("8,40", "4,12"))  # (full, --quick)
-PEERS = ["fa-chat", "fa-chat-nographs", "hf-eager", "hf-static", "gpt-fast"]
+PEERS = ["fa-chat", "fa-chat-nographs", "fa-chat-int4", "hf-eager", "hf-static", "gpt-fast"]
 COMPILED = {"hf-static", "gpt-fast"}
 LAUNCHES = ("cudaLaunchKernel", "cuLaunchKernel", "cudaGraphLaunch", "cuGraphLaunch", "cudaLaunchCooperativeKernel")
 T0 = time.perf_counter()
@@ -140,12 +142,13 @@ class Run:
 
 
 class FaChat:
-    def __init__(self, folder: Path, device, dtype, max_seq_len: int, graphs: bool = True):
+    def __init__(self, folder: Path, device, dtype, max_seq_len: int, graphs: bool = True, quantize: str = "auto"):
         old = os.environ.get("FACHAT_CUDA_GRAPHS")
         if not graphs:
             os.environ["FACHAT_CUDA_GRAPHS"] = "0"  # read at Engine.load
         try:
-            self.engine = Engine.load(folder, device=device, dtype=dtype, max_seq_len=max_seq_len)
+            self.engine = Engine.load(folder, device=device, dtype=dtype, max_seq_len=max_seq_len, quantize=quantize)
+            self.weight_bytes = self.engine.weight_bytes
         finally:
             if old is None:
                 os.environ.pop("FACHAT_CUDA_GRAPHS", None)
@@ -359,7 +362,8 @@ def bench_model(name: str, a, device, dtype, copy_bw: float) -> dict:
             eng[k]["status"] = "skipped: torch.compile on CPU is slow (--quick runs it)"
             continue
         try:
-            peers[k] = (FaChat(folder, device, dtype, max_len, graphs=k == "fa-chat") if k.startswith("fa-chat")
+            peers[k] = (FaChat(folder, device, dtype, max_len, graphs=k != "fa-chat-nographs",
+                               quantize="int4" if k == "fa-chat-int4" else "auto") if k.startswith("fa-chat")
                         else HF(hf, device, static=k == "hf-static") if k.startswith("hf-")
                         else GptFast(hf, device, max_len))
         except Exception as e:  # noqa: BLE001 - one failing engine must not lose the others' figures
@@ -386,16 +390,16 @@ def bench_model(name: str, a, device, dtype, copy_bw: float) -> dict:
                 except Exception as e:  # noqa: BLE001
                     eng[k]["cases"][label]["status"] = failed(e)
                     del runs[k]
-        roof = copy_bw * 1e9 / (weight_bytes + kv_per_pos * (p + n / 2))
         for k, rs in runs.items():
+            roof = copy_bw * 1e9 / (getattr(peers[k], "weight_bytes", weight_bytes) + kv_per_pos * (p + n / 2))
             tok_s = statistics.median(r.decode_tok_s for r in rs)
             eng[k]["cases"][label] |= {
                 "prompt": p, "new_tokens": n, "decode_tok_s": tok_s, "ms_per_token": 1e3 / tok_s,
                 "roofline_tok_s": roof, "roofline_frac": tok_s / roof,
                 "ttft_ms": 1e3 * statistics.median(r.ttft_s for r in rs),
                 "runs_decode_tok_s": [r.decode_tok_s for r in rs], "tokens": rs[0].tokens}
-        log(f"{name}: {label}: " + ", ".join(f"{k} {eng[k]['cases'][label]['decode_tok_s']:.1f}" for k in runs)
-            + f" tok/s (roofline {roof:.0f})")
+        log(f"{name}: {label}: " + ", ".join(f"{k} {eng[k]['cases'][label]['decode_tok_s']:.1f} (roofline "
+                                             f"{eng[k]['cases'][label]['roofline_tok_s']:.0f})" for k in runs) + " tok/s")
 
     if device.type == "cuda":  # compiled code that ran without CUDA graphs
         res["inductor_cudagraph_skips"] = counters["inductor"]["cudagraph_skips"]

@@ -2,13 +2,15 @@
 
     python benchmarks/decode_cpu.py [--model PATH.gguf] [--prompt-tokens 256] [--new-tokens 128]
 
-fa-chat and transformers dequantize the GGUF to --dtype; llama.cpp (llama-cpp-python, a benchmark-only
-dependency: pip install llama-cpp-python; left out where it does not import) runs the file's quantized blocks.
+Engines: fa-chat as loaded by default (the file's Q4_0/Q4_1/Q4_K blocks as int4 matmuls, other quantized
+matrices as int8, bfloat16 activations in them); "fa-chat dequantized" (quantize="none", every weight in
+--dtype); transformers, which dequantizes the GGUF to --dtype; llama.cpp (llama-cpp-python, a benchmark-only
+dependency: pip install llama-cpp-python; left out where it does not import), which runs the file's blocks.
 Every engine generates exactly --new-tokens greedy tokens from the same token ids (eos is ignored: fa-chat by
 clearing its eos ids, transformers by min_new_tokens, llama.cpp's generate never stops by itself). Runs
 alternate between the engines, and each figure is the median of --repeats runs. Load s: the engine's load;
-RSS MB: the process's resident memory after the load and a warm-up, less before the load. Prints a table and
-writes JSON and a PNG to benchmarks/results/.
+RSS MB: the process's resident memory after the load and a warm-up, less before the load; weights MB: what
+fa-chat's weights take (Engine.weight_bytes). Prints a table and writes JSON and a PNG to benchmarks/results/.
 """
 from __future__ import annotations
 
@@ -95,7 +97,7 @@ def plot(result: dict, path: Path) -> None:
     fig, axes = plots.panels(2)
     names = list(result["engines"])
     for ax, key in zip(axes, ("decode_tok_s", "prefill_tok_s")):
-        ax.bar(names, [result["engines"][n][key] for n in names], color=["C0", "C1", "C2"][:len(names)])
+        ax.bar(names, [result["engines"][n][key] for n in names], color=[f"C{i}" for i in range(len(names))])
         ax.set_ylabel(key.replace("_tok_s", " tok/s (median)"))
         ax.grid(True, axis="y", alpha=0.3)
     fig.suptitle(f"{Path(result['model']).name}, CPU, {result['threads']} threads, prompt {result['prompt_tokens']}, "
@@ -127,6 +129,9 @@ def main() -> None:
 
     engine, *loads["fa-chat"] = loaded(lambda: Engine.load(path, device="cpu", dtype=dtype), warm_ours)
     engines["fa-chat"] = (time_ours, engine)
+    dequantized, *loads["fa-chat dequantized"] = loaded(
+        lambda: Engine.load(path, device="cpu", dtype=dtype, quantize="none"), warm_ours)
+    engines["fa-chat dequantized"] = (time_ours, dequantized)
     ids = prompt_ids(engine, a.prompt_tokens)
     hf, *loads["transformers"] = loaded(
         lambda: AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype).eval(),
@@ -142,7 +147,6 @@ def main() -> None:
                                     n_ctx=a.prompt_tokens + a.new_tokens + 16, verbose=False),
             lambda m: time_llama_cpp(m, ids[:32], 4))
         engines["llama.cpp"] = (time_llama_cpp, llm)
-    weight_bytes = sum(p.nbytes for p in engine.model.parameters())  # read once per decoded token (dequantized)
 
     runs = {name: [] for name in engines}
     for _ in range(a.repeats):
@@ -151,26 +155,28 @@ def main() -> None:
 
     def summary(name):
         prefill, decode = (statistics.median(r[i] for r in runs[name]) for i in (0, 1))
+        model = engines[name][1]
         return {"prefill_tok_s": prefill, "decode_tok_s": decode, "load_s": loads[name][0], "rss_MB": loads[name][1],
+                "weights_MB": model.weight_bytes / 2**20 if isinstance(model, Engine) else None,
                 "runs": [{"prefill_tok_s": p, "decode_tok_s": d} for p, d in runs[name]]}
 
     result = {
         "model": str(path), "file_MB": path.stat().st_size / 2**20, "dtype": a.dtype, "device": "cpu",
         "threads": torch.get_num_threads(), "cpu": platform.processor() or platform.machine(),
         "torch": torch.__version__, "prompt_tokens": a.prompt_tokens, "new_tokens": a.new_tokens,
-        "repeats": a.repeats, "dequantized_weight_bytes": weight_bytes,
-        "engines": {name: summary(name) for name in engines},
+        "repeats": a.repeats, "engines": {name: summary(name) for name in engines},
     }
-    f = result["engines"]["fa-chat"]
-    print(f"\n{path.name} on CPU ({result['file_MB']:.0f} MB), fa-chat and transformers in {a.dtype}, "
-          f"{torch.get_num_threads()} threads, prompt {a.prompt_tokens}, {a.new_tokens} new tokens, "
-          f"median of {a.repeats}")
-    print(f"{'':14}{'prefill tok/s':>15}{'decode tok/s':>14}{'load s':>8}{'RSS MB':>8}"
-          f"{'fa-chat prefill / decode':>26}")
+    peer_name = "llama.cpp" if "llama.cpp" in engines else "transformers"
+    peer = result["engines"][peer_name]
+    print(f"\n{path.name} on CPU ({result['file_MB']:.0f} MB), {torch.get_num_threads()} threads, "
+          f"prompt {a.prompt_tokens}, {a.new_tokens} new tokens, median of {a.repeats}; dequantized: {a.dtype}")
+    print(f"{'':21}{'prefill tok/s':>15}{'decode tok/s':>14}{'load s':>8}{'RSS MB':>8}{'weights MB':>12}"
+          f"{f'prefill / decode vs {peer_name}':>32}")
     for name, r in result["engines"].items():
-        ratio = f"{f['prefill_tok_s'] / r['prefill_tok_s']:.2f}x / {f['decode_tok_s'] / r['decode_tok_s']:.2f}x"
-        print(f"{name:14}{r['prefill_tok_s']:15.1f}{r['decode_tok_s']:14.1f}{r['load_s']:8.2f}{r['rss_MB']:8.0f}"
-              f"{ratio:>26}")
+        ratio = f"{r['prefill_tok_s'] / peer['prefill_tok_s']:.2f}x / {r['decode_tok_s'] / peer['decode_tok_s']:.2f}x"
+        weights = "-" if r["weights_MB"] is None else f"{r['weights_MB']:.1f}"
+        print(f"{name:21}{r['prefill_tok_s']:15.1f}{r['decode_tok_s']:14.1f}{r['load_s']:8.2f}{r['rss_MB']:8.0f}"
+              f"{weights:>12}{ratio:>32}")
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(".tmp")

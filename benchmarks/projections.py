@@ -40,6 +40,11 @@ def cases(model: str) -> dict:
     def rnd(*shape):
         return torch.randn(shape, device=dev, dtype=DTYPE) * shape[-1] ** -0.5
 
+    def layer(w):  # the model's projections are nn.Linear layers
+        out = torch.nn.Linear(w.shape[1], w.shape[0], bias=False, device="meta")
+        out.weight = torch.nn.Parameter(w, requires_grad=False)
+        return out
+
     cos, sin = (torch.randn(CAPACITY, d, device=dev, dtype=DTYPE) for _ in range(2))
     pos = torch.tensor([[CAPACITY // 2]], device=dev)
     k, v = (torch.zeros(1, hkv, CAPACITY, d, device=dev, dtype=DTYPE) for _ in range(2))
@@ -47,25 +52,30 @@ def cases(model: str) -> dict:
 
     def qkv():
         w = rnd((hq + 2 * hkv) * d, hidden)
-        return (lambda: fused.norm_rope_write(h, nw, 1e-5, w, None, cos, sin, pos, k, v, hq, hkv),
+        lw = layer(w)
+        return (lambda: fused.norm_rope_write(h, nw, 1e-5, lw, cos, sin, pos, k, v, hq, hkv),
                 lambda: fused.rope_write(F.linear(fused.rms_norm(h, nw, 1e-5), w), cos, sin, pos, k, v, hq, hkv))
 
     def o_proj():
         w, o = rnd(hidden, hq * d), rnd(1, 1, hq * d)
-        return lambda: fused.linear_add(o, w, None, h), lambda: h + F.linear(o, w)
+        lw = layer(w)
+        return lambda: fused.linear_add(o, lw, h), lambda: h + F.linear(o, w)
 
     def gate_up():
         w = rnd(2 * inter, hidden)
-        return (lambda: fused.norm_silu_mul(h, nw, 1e-5, w),
+        lw = layer(w)
+        return (lambda: fused.norm_silu_mul(h, nw, 1e-5, lw),
                 lambda: fused.silu_mul(F.linear(fused.rms_norm(h, nw, 1e-5), w)))
 
     def down():
         w, x = rnd(hidden, inter), rnd(1, 1, inter)
-        return lambda: fused.linear_add(x, w, None, h), lambda: h + F.linear(x, w)
+        lw = layer(w)
+        return lambda: fused.linear_add(x, lw, h), lambda: h + F.linear(x, w)
 
     def lm_head():
         w = rnd(vocab, hidden)
-        return lambda: fused.norm_linear(h[:, -1], nw, 1e-5, w), lambda: F.linear(fused.rms_norm(h[:, -1], nw, 1e-5), w)
+        lw = layer(w)
+        return lambda: fused.norm_linear(h[:, -1], nw, 1e-5, lw), lambda: F.linear(fused.rms_norm(h[:, -1], nw, 1e-5), w)
 
     sizes = {"qkv": (hq + 2 * hkv) * d * hidden, "o_proj": hidden * hq * d, "gate_up": 2 * inter * hidden,
              "down": hidden * inter, "lm_head": vocab * hidden}

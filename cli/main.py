@@ -69,6 +69,10 @@ def build_parser() -> argparse.ArgumentParser:
     r = p.add_argument_group("runtime")
     r.add_argument("--device", default="auto", help="auto, cpu, cuda[:N] or mps")
     r.add_argument("--dtype", default="auto", help="auto, float32, float16 or bfloat16")
+    r.add_argument("--quantize", choices=("auto", "none", "int4", "int8"),
+                   help="weights: auto keeps a GGUF file's quantized blocks quantized (int4 where exact, int8 "
+                        "otherwise) and loads other models unquantized; int4 or int8 quantize every linear layer on "
+                        "load; none dequantizes (default: auto, or with --resume what the session was saved with)")
     r.add_argument("--max-seq-len", type=int_at_least(2),
                    help="context length; presets the KV cache (default: the model's)")
     r.add_argument("--context-full", choices=("shift", "stop"), default="shift",
@@ -110,9 +114,16 @@ def stats_line(gen) -> str:
             f"prefill {s.prefill_tokens_per_s:.1f} tok/s, decode {s.decode_tokens_per_s:.1f} tok/s")
 
 
+def weights_line(engine) -> str:
+    how = {None: "unquantized", "gguf": "quantized as in the GGUF file"}.get(engine.quantize,
+                                                                          f"quantized to {engine.quantize}")
+    return f"{engine.weight_bytes / (1 << 20):.1f} MiB resident, {how}"
+
+
 def print_stats(session) -> None:
     cache, engine = session.cache, session.engine
     mib = 1 << 20
+    print(f"weights: {weights_line(engine)}")
     print(f"context: {len(session.tokens)} tokens of {engine.max_seq_len}, "
           f"{plural(len(session.messages), 'message')}")
     print(f"KV cache: {cache.length} positions cached, capacity {cache.capacity}, "
@@ -320,10 +331,15 @@ def main(argv: list[str] | None = None) -> int:
         source = args.model or (saved.model_source if saved else None) or default_model()
         console.notice(f"Loading {source} ...")
         t0 = time.perf_counter()
-        engine = Engine.load(source, device=args.device, dtype=args.dtype, max_seq_len=args.max_seq_len)
+        quantize = args.quantize or (saved.model_quantize if saved else "auto")
+        engine = Engine.load(source, device=args.device, dtype=args.dtype, max_seq_len=args.max_seq_len,
+                             quantize=quantize)
         console.notice(f"Loaded on {engine.device.type} ({str(engine.dtype).removeprefix('torch.')}) "
                        f"in {time.perf_counter() - t0:.1f} s")
         if args.verbose:
+            console.notice(f"weights: {weights_line(engine)}")
+            for type_name, stored_as in engine.stored_as.items():
+                console.notice(f"  GGUF {type_name} matrices: {stored_as}")
             console.notice(f"attention backend: {engine.attention_backend} ({engine.attention_backend_reason})")
             console.notice(f"CUDA graphs: {'on' if engine.cuda_graphs else 'off'} ({engine.cuda_graphs_reason})")
         if args.resume:

@@ -14,7 +14,7 @@ from fachat.engine.persistence import model_fingerprint
 from fachat.engine.session import Session
 from fachat.errors import ContextLengthError, CorruptModelError
 from fachat.kernels.dispatch import BACKENDS, choose_backend
-from fachat.models.loaders import LoadedModel, load_model
+from fachat.models.loaders import QUANTIZE, LoadedModel, load_model
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
           "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
@@ -63,6 +63,8 @@ class Engine:
         self.args = loaded.args
         self.source = loaded.source
         self.weights_sha256 = loaded.weights_sha256
+        # None (float weights), "gguf" (a GGUF file's blocks kept), "int4" or "int8"; stored_as: per GGUF type.
+        self.quantize, self.stored_as = loaded.quantize, loaded.stored_as
         self.device, self.dtype = device, dtype
         # An explicit max_seq_len presets the cache capacity: no growth, memory known up front.
         self.preset_capacity = max_seq_len is not None
@@ -77,8 +79,12 @@ class Engine:
     def _check_finite_logits(self) -> None:
         """One forward pass of one token, so that weights or config values which pass every other check but
         give NaN or inf (a NaN in a file, an eps too small for the dtype...) fail the load rather than
-        generate token 0 forever. Its one-position cache is dropped with it: a failed load keeps nothing."""
+        generate token 0 forever. Its one-position cache is dropped with it: a failed load keeps nothing.
+        The rotary frequencies are checked first: attention hides a NaN in q or k (its scores' softmax gives 0)."""
         a = self.args
+        if not bool(torch.isfinite(self.model.inv_freq).all()):
+            raise CorruptModelError(f"{self.source}: the rotary embedding's frequencies are NaN or inf: rope_theta "
+                                    f"{a.rope_theta!r} or the rope scaling values overflow float32")
         cache = InPlaceKVCache(a.num_hidden_layers, a.num_key_value_heads, a.head_dim, dtype=self.dtype,
                                device=self.device, capacity=1)
         token = a.bos_token_id if a.bos_token_id is not None else 0
@@ -91,14 +97,28 @@ class Engine:
 
     @classmethod
     def load(cls, model: str | os.PathLike | None = None, device: str | torch.device = "auto",
-             dtype: str | torch.dtype = "auto", max_seq_len: int | None = None) -> "Engine":
-        """model: a local folder, a .gguf file or a hub id; None means the embedded SmolLM2-135M-Instruct."""
+             dtype: str | torch.dtype = "auto", max_seq_len: int | None = None,
+             quantize: str | None = "auto") -> "Engine":
+        """model: a local folder, a .gguf file or a hub id; None means the embedded SmolLM2-135M-Instruct.
+
+        quantize: "auto" runs a GGUF file's Q4_0, Q4_1 and Q4_K blocks as int4 matmuls and its other quantized
+        matrices as int8 (requantized), and other models in `dtype`; "int4" or "int8" quantize every linear layer
+        on load; "none" (or None) dequantizes everything to `dtype`. Quantized layers compute in bfloat16."""
         if max_seq_len is not None and (isinstance(max_seq_len, bool) or not isinstance(max_seq_len, int)
                                         or max_seq_len < 2):
             raise ValueError(f"max_seq_len must be an int >= 2, got {max_seq_len!r}")
+        if quantize is not None and quantize not in QUANTIZE:
+            raise ValueError(f"quantize must be one of {', '.join(QUANTIZE)} or None, got {quantize!r}")
         dev = resolve_device(device)
         dt = resolve_dtype(dtype, dev)
-        return cls(load_model(model, dev, dt), dev, dt, max_seq_len)
+        return cls(load_model(model, dev, dt, quantize), dev, dt, max_seq_len)
+
+    @functools.cached_property
+    def weight_bytes(self) -> int:
+        """Bytes the model's weights take on the device (a tensor shared by two layers counted once)."""
+        tensors = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
+                   for t in [*self.model.parameters(), *self.model.buffers()]}
+        return sum(tensors.values())
 
     def new_cache(self) -> InPlaceKVCache:
         a = self.args

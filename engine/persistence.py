@@ -8,7 +8,8 @@ version 2):
 - tensors `k.{i}`, `v.{i}` for each layer i: K/V [B, Hkv, length, D] of positions [0, length), never the
   cache's spare capacity; `undo.k.{i}`, `undo.v.{i}`: [B, Hkv, undo_length, D], the K/V that undo puts back.
 - metadata key "fachat": JSON with format, version, model (architecture, source, config_sha256 of the config
-  fields the math reads, weights_sha256 of every weight as stored in the model's file), dtype, layers, length,
+  fields the math reads, weights_sha256 of every weight as stored in the model's file, quantize: how the engine
+  stored them, as Engine.quantize says), dtype, layers, length,
   undo_length, tokens, messages, turns, sampling, rng and crc32 (of the rest of the header, and of the tensor
   bytes).
 
@@ -71,7 +72,7 @@ def model_fingerprint(engine: EngineLike) -> dict[str, Any]:
     source = os.path.abspath(engine.source) if os.path.exists(engine.source) else engine.source
     return {"architecture": engine.args.architecture,
             "config_sha256": hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest(),
-            "weights_sha256": engine.weights_sha256, "source": source}
+            "weights_sha256": engine.weights_sha256, "quantize": engine.quantize, "source": source}
 
 
 # ------------------------------------------------------------ sessions
@@ -122,6 +123,10 @@ def load_snapshot(engine: EngineLike, path: str | os.PathLike, convert_dtype: bo
                     tuple(t.to(dtype=engine.dtype) for t in ckpt.values), None)
 
 
+def _weights_in(quantize: str | None) -> str:
+    return {None: "in float", "gguf": "quantized as the GGUF file has them"}.get(quantize, f"quantized to {quantize}")
+
+
 def _split_system(messages: list[dict]) -> tuple[str | None, list[dict]]:
     """(the system prompt or None, the conversation after it)."""
     system = messages[0]["content"] if messages and messages[0]["role"] == "system" else None
@@ -147,6 +152,10 @@ def _check_compatible(engine: EngineLike, info: CheckpointInfo, convert_dtype: b
     if any(saved.get(k) != ours[k] for k in ("config_sha256", "weights_sha256")):
         bad(f"it was saved with another model ({saved.get('architecture')} from {saved.get('source')}); "
             f"this engine runs {ours['architecture']} from {ours['source']}")
+    if saved.get("quantize") != ours["quantize"]:  # other weight values: its K/V are not this engine's
+        bad(f"it was saved with the model's weights {_weights_in(saved.get('quantize'))}, but this engine runs "
+            f"them {_weights_in(ours['quantize'])}; load the model with quantize={info.model_quantize!r} "
+            "(fa-chat: --quantize) to resume it")
     if meta["dtype"] != dtype_name(engine.dtype) and not convert_dtype:
         bad(f"its K/V are {meta['dtype']} but the engine runs {dtype_name(engine.dtype)}; "
             "load it with convert_dtype=True (fa-chat: --convert-dtype) to convert them")
@@ -221,6 +230,12 @@ class CheckpointInfo:
     def model_source(self) -> str | None:
         """Where the model was loaded from when the session was saved (a path or a hub id)."""
         return self.meta["model"].get("source")
+
+    @property
+    def model_quantize(self) -> str:
+        """Engine.load's quantize argument that loads the model's weights as they were when the session was saved."""
+        quantize = self.meta["model"].get("quantize")
+        return "none" if quantize is None else quantize.replace("gguf", "auto")
 
     @property
     def length(self) -> int:

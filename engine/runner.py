@@ -47,7 +47,7 @@ class Runner:
         """generator: the sampler's RNG (a new one with fresh entropy by default). graphs: capture the decode
         step in CUDA graphs (see cuda_graphs_reason)."""
         self.model, self.cache = model, cache
-        self.device = device = model.lm_head.weight.device
+        self.device = device = model.inv_freq.device
         rows, vocab = cache.k[0].shape[0], model.args.vocab_size
         self.generator = generator if generator is not None else new_generator(device, None)
         self.positions = torch.full((rows,), cache.length, dtype=torch.long, device=device)  # next token goes here

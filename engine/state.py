@@ -29,6 +29,7 @@ class EngineLike(Protocol):
     args: ModelArgs
     source: str
     weights_sha256: str
+    quantize: str | None
     device: torch.device
     dtype: torch.dtype
     max_seq_len: int

@@ -59,8 +59,13 @@ def _scores(q: torch.Tensor, k: torch.Tensor, scale: float, softcap: float | Non
 
 
 def decode_attention(q, k_cache, v_cache, kv_len, *, scale=None, window=None, softcap=None,
-                     partition_size: int = DEFAULT_PARTITION):
-    """q [B, Hq, D] -> [B, Hq, D], by split-KV: per-partition (max, sum, unnormalized out), then a reduce."""
+                     partition_size: int | None = None):
+    """q [B, Hq, D] -> [B, Hq, D]: prefill_attention of one query position. With partition_size, by split-KV as
+    the GPU kernels compute it: per-partition (max, sum, unnormalized out), then a reduce (the oracle of that
+    split; no faster here)."""
+    if partition_size is None:
+        return prefill_attention(q[:, :, None], k_cache, v_cache, kv_len, scale=scale, window=window,
+                                 softcap=softcap)[:, :, 0]
     B, Hq, D = q.shape
     Hkv = k_cache.shape[1]
     kv_len = _batch_one(kv_len)
@@ -111,27 +116,28 @@ def prefill_attention(q, k_cache, v_cache, kv_len, *, scale=None, window=None, s
     Hkv = k_cache.shape[1]
     G = Hq // Hkv
     kv_len = _batch_one(kv_len)
-    lengths = _lengths(kv_len, B, q.device)
-    T = int(kv_len) if isinstance(kv_len, int) else int(lengths.max())
+    T = kv_len if isinstance(kv_len, int) else int(kv_len.max())
     scale = 1.0 / math.sqrt(D) if scale is None else scale
     k, v = k_cache[:, :, :T], v_cache[:, :, :T]
-    if not isinstance(kv_len, int):
-        k, v = _zero_past_rows(k, lengths), _zero_past_rows(v, lengths)
     qg = q.reshape(B, Hkv, G * Lq, D)  # [B, Hkv, (G, Lq), D]
-    mask = key_mask(lengths, Lq, T, window)[:, None, None].expand(B, 1, G, Lq, T).reshape(B, 1, G * Lq, T)
+    mask = None  # one query of each row's whole length (a decode step) sees every key
+    if not isinstance(kv_len, int) or window is not None or Lq > 1:
+        lengths = _lengths(kv_len, B, q.device)
+        if not isinstance(kv_len, int):
+            k, v = _zero_past_rows(k, lengths), _zero_past_rows(v, lengths)
+        mask = key_mask(lengths, Lq, T, window)[:, None, None].expand(B, 1, G, Lq, T).reshape(B, 1, G * Lq, T)
     if softcap is None:
         out = F.scaled_dot_product_attention(qg, k, v, attn_mask=mask, scale=scale)
     else:
-        s = _scores(qg.float(), k.float(), scale, softcap).masked_fill(~mask, float("-inf"))
+        s = _scores(qg.float(), k.float(), scale, softcap)
+        s = s if mask is None else s.masked_fill(~mask, float("-inf"))
         out = torch.matmul(torch.softmax(s, dim=-1), v.float()).to(q.dtype)
     return out.reshape(B, Hq, Lq, D)
 
 
 def rms_norm(x, weight, eps):
     """RMSNorm of x [..., H], normalised in float32 (as the reference implementation does for half types)."""
-    h = x.float()
-    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
-    return weight * h.to(x.dtype)
+    return weight * F.rms_norm(x.float(), x.shape[-1:], eps=eps).to(x.dtype)
 
 
 def silu_mul(gate_up):
@@ -140,9 +146,6 @@ def silu_mul(gate_up):
     return F.silu(gate) * up
 
 
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
 
 
 def rope_write(qkv, cos, sin, positions, k_cache, v_cache, n_heads: int, n_kv_heads: int):
@@ -153,41 +156,41 @@ def rope_write(qkv, cos, sin, positions, k_cache, v_cache, n_heads: int, n_kv_he
     Reads no length or position on the host, so that a CUDA graph can capture it."""
     B, L, _ = qkv.shape
     D = cos.shape[-1]
-    q, k, v = qkv.split([n_heads * D, n_kv_heads * D, n_kv_heads * D], dim=-1)
-    q = q.view(B, L, n_heads, D).transpose(1, 2)
-    k = k.view(B, L, n_kv_heads, D).transpose(1, 2)
-    v = v.view(B, L, n_kv_heads, D).transpose(1, 2)
-    cos, sin = cos[positions][:, None], sin[positions][:, None]  # [B, 1, L, D]
-    q = q * cos + rotate_half(q) * sin
-    k = k * cos + rotate_half(k) * sin
+    turned = n_heads + n_kv_heads  # q and k heads, turned together
+    qk = qkv[..., : turned * D].view(B, L, turned, D)
+    cos, sin = cos[positions][:, :, None], sin[positions][:, :, None]  # [B, L, 1, D]
+    # rotate_half(x) * sin, as x's halves swapped times sin with its first half negated: the one large copy
+    swapped = qk.unflatten(-1, (2, D // 2)).flip(-2).flatten(-2)
+    qk = qk * cos + swapped * torch.cat((-sin[..., : D // 2], sin[..., D // 2:]), -1)
     # Advanced indices split by a slice put their broadcast shape [B, L] first: [B, L, Hkv, D] is assigned.
     rows = torch.arange(B, device=positions.device)[:, None]
-    k_cache[rows, :, positions] = k.transpose(1, 2)
-    v_cache[rows, :, positions] = v.transpose(1, 2)
-    return q
+    k_cache[rows, :, positions] = qk[:, :, n_heads:]
+    v_cache[rows, :, positions] = qkv[..., turned * D:].view(B, L, n_kv_heads, D)
+    return qk[:, :, :n_heads].transpose(1, 2)
 
 
-# A layer's projections with their neighbours, as the triton backend fuses them for decode.
+# A layer's projections with their neighbours, as the triton backend fuses them for decode. `linear` is the
+# model's layer: an nn.Linear, or a quantized one (fachat.models.quant), which the triton backend calls as is.
 
 
-def norm_linear(x, norm_weight, eps, weight, bias=None):
-    """linear(rms_norm(x)): x [..., K], weight [N, K] -> [..., N]."""
-    return F.linear(rms_norm(x, norm_weight, eps), weight, bias)
+def norm_linear(x, norm_weight, eps, linear):
+    """linear(rms_norm(x)): x [..., K] -> [..., N]."""
+    return linear(rms_norm(x, norm_weight, eps))
 
 
-def norm_silu_mul(x, norm_weight, eps, weight, bias=None):
-    """silu_mul(linear(rms_norm(x))): weight [2 * I, K] holds gate then up -> [..., I]."""
-    return silu_mul(norm_linear(x, norm_weight, eps, weight, bias))
+def norm_silu_mul(x, norm_weight, eps, linear):
+    """silu_mul(linear(rms_norm(x))): linear's outputs are gate then up -> [..., I]."""
+    return silu_mul(norm_linear(x, norm_weight, eps, linear))
 
 
-def norm_rope_write(x, norm_weight, eps, weight, bias, cos, sin, positions, k_cache, v_cache, n_heads: int,
+def norm_rope_write(x, norm_weight, eps, linear, cos, sin, positions, k_cache, v_cache, n_heads: int,
                     n_kv_heads: int):
     """rope_write(linear(rms_norm(x))): the q, k, v projection of x [B, L, K], k and v written to the caches;
     returns q [B, n_heads, L, D]."""
-    return rope_write(norm_linear(x, norm_weight, eps, weight, bias), cos, sin, positions, k_cache, v_cache,
+    return rope_write(norm_linear(x, norm_weight, eps, linear), cos, sin, positions, k_cache, v_cache,
                       n_heads, n_kv_heads)
 
 
-def linear_add(x, weight, bias, residual):
+def linear_add(x, linear, residual):
     """residual + linear(x): a projection added to the residual stream."""
-    return residual + F.linear(x, weight, bias)
+    return residual + linear(x)

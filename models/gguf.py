@@ -8,6 +8,7 @@ tables and dequantization, imported lazily since not every machine has it.
 
 from __future__ import annotations
 
+import functools
 import math
 import mmap
 import os
@@ -23,6 +24,7 @@ import torch
 
 from fachat.errors import CorruptModelError, ModelLoadError, ModelNotFoundError, UnsupportedModelError
 from fachat.models.config import ModelArgs
+from fachat.models.quant import Codes, Int4Codes, concat, quantize_int8
 
 if TYPE_CHECKING:
     import tokenizers
@@ -83,14 +85,18 @@ def read_gguf(path) -> GGUFFile:
     return GGUFFile(config, tokenizer, tokenizer_config, generation_config, _config_keys(header.arch))
 
 
-def iter_gguf_tensors(path, config: dict, on_read: Callable[[str, tuple, str, np.ndarray], None] | None = None
-                      ) -> Iterator[tuple[str, torch.Tensor]]:
+def iter_gguf_tensors(path, config: dict, on_read: Callable[[str, tuple, str, np.ndarray], None] | None = None,
+                      quantize: str | None = None) -> Iterator[tuple[str, torch.Tensor | Codes]]:
     """Yield `(hf_name, tensor)` one tensor at a time, every tensor float32 (F16/BF16 are widened too),
     contiguous, not sharing memory with the file, in HF `[out_features, in_features]` layout with
     llama.cpp's q/k row permutation undone. `lm_head.weight` is absent when the embeddings are tied.
     `config` supplies `num_attention_heads` and `num_key_value_heads` (as returned by `read_gguf`; the
     file's own values where missing). The file is checked when this is called, before any tensor is read.
-    on_read(gguf_name, shape, type_name, raw) sees every tensor of the file as stored, before it is dequantized."""
+    on_read(gguf_name, shape, type_name, raw) sees every tensor of the file as stored, before it is dequantized.
+
+    quantize "int4" or "gguf" yields the blocks of Q4_0, Q4_1 and Q4_K tensors as their exact Int4Codes instead;
+    "gguf" also yields every other quantized matrix as Int8Codes, requantized per row from its values
+    (quantized_as says which type becomes what)."""
     gguf = _import_gguf()
     with _malformed_is_corrupt(path):
         header = _Header(path)
@@ -98,25 +104,82 @@ def iter_gguf_tensors(path, config: dict, on_read: Callable[[str, tuple, str, np
     for t in {t.ggml_type: t for t in header.tensors}.values():
         _check_dequantizable(gguf, t, header.path)
     heads = {key: config.get(key) or own[key] for key in ("num_attention_heads", "num_key_value_heads")}
-    return _iter_tensors(gguf, header, heads, on_read)
+    return _iter_tensors(gguf, header, heads, on_read, quantize)
 
 
-def _iter_tensors(gguf, header: "_Header", heads: dict, on_read) -> Iterator[tuple[str, torch.Tensor]]:
+def _iter_tensors(gguf, header: "_Header", heads: dict, on_read, quantize) -> Iterator[tuple[str, torch.Tensor | Codes]]:
     permuted = header.arch in _PERMUTED_ARCHS
-    data = np.memmap(header.path, dtype=np.uint8, mode="r")
     for t in header.tensors:
-        raw = data[t.offset : t.offset + t.nbytes]
+        # Read, not memory-mapped: a mapping's pages would stay resident (in RSS) until the last tensor is read.
+        raw = np.fromfile(header.path, dtype=np.uint8, count=t.nbytes, offset=t.offset)
         if on_read is not None:
             on_read(t.name, t.shape, _type_name(gguf, t.ggml_type), raw)
         name = _hf_name(t.name, header.path)
         if name is None:
             continue
-        tensor = _dequantize(gguf, raw, t, header.path)
-        if permuted and ".self_attn.q_proj." in name:
-            tensor = _unpermute(tensor, heads["num_attention_heads"], t.name, header.path)
-        elif permuted and ".self_attn.k_proj." in name:
-            tensor = _unpermute(tensor, heads["num_key_value_heads"], t.name, header.path)
+        type_name = _type_name(gguf, t.ggml_type)
+        if len(t.shape) == 2 and quantize in ("int4", "gguf") and type_name in _INT4_TYPES:
+            tensor = _int4_codes(gguf, raw, t)
+        elif len(t.shape) == 2 and quantize == "gguf" and type_name not in _FLOAT_TYPES:
+            tensor = _requantized_int8(gguf, raw, t, header.path)
+        else:
+            tensor = _dequantize(gguf, raw, t, header.path)
+        heads_key = {".self_attn.q_proj.": "num_attention_heads", ".self_attn.k_proj.": "num_key_value_heads"}
+        for part, key in heads_key.items():
+            if permuted and part in name:
+                unpermute = functools.partial(_unpermute, n_head=heads[key], name=t.name, path=header.path)
+                tensor = unpermute(tensor) if isinstance(tensor, torch.Tensor) else tensor.map_rows(unpermute)
         yield name, tensor
+
+
+_INT4_TYPES = ("Q4_0", "Q4_1", "Q4_K")
+_CHUNK_ROWS = 4096
+_FLOAT_TYPES = ("F32", "F16", "BF16")
+
+
+def quantized_as(type_name: str, quantize: str | None) -> str:
+    """What a matrix of a GGUF type becomes when loaded with `quantize` (a linear layer's; an embedding table
+    becomes int8 whenever the load quantizes), in words for --verbose."""
+    if quantize in ("int4", "gguf") and type_name in _INT4_TYPES:
+        return "int4, the file's blocks (group 32)"
+    if quantize == "int4":
+        return "int4 (group 32), requantized"
+    if quantize == "int8" or (quantize == "gguf" and type_name not in _FLOAT_TYPES):
+        return "int8 per output channel, requantized"
+    return "float, dequantized" if type_name not in _FLOAT_TYPES else "float"
+
+
+def _requantized_int8(gguf, raw: np.ndarray, t: _Tensor, path: str) -> Codes:
+    """A quantized matrix's values as per-row int8, made in chunks of rows: the float32 values of a whole
+    vocabulary's table need not exist at once."""
+    rows, chunks = raw.reshape(t.shape[0], -1), []
+    for i in range(0, len(rows), _CHUNK_ROWS):
+        part = rows[i:i + _CHUNK_ROWS]
+        chunks.append(quantize_int8(_dequantize(gguf, part, _Tensor(t.name, (len(part), t.shape[1]), t.ggml_type,
+                                                                    0, part.nbytes), path)))
+    return concat(chunks)
+
+
+def _int4_codes(gguf, raw: np.ndarray, t: _Tensor) -> Int4Codes:
+    """The codes of a Q4_0, Q4_1 or Q4_K matrix, whose values they give exactly as gguf's dequantizers do. A
+    block's first 16 bytes hold its low nibbles in order, then the high nibbles (Q4_K: per 64 values)."""
+    N, K = t.shape
+    name = _type_name(gguf, t.ggml_type)
+    if name == "Q4_K":
+        blocks = raw.reshape(N * K // 256, 144)
+        d, dmin = (blocks[:, i:i + 2].view(np.float16).astype(np.float32) for i in (0, 2))
+        sc, mn = gguf.quants.Q4_K.get_scale_min(blocks[:, 4:16])
+        scale, low = d * sc.astype(np.float32), -(dmin * mn.astype(np.float32))
+        qs = blocks[:, 16:].reshape(-1, 4, 1, 32)
+    else:
+        blocks = raw.reshape(N * K // 32, 18 if name == "Q4_0" else 20)
+        scale = blocks[:, :2].view(np.float16).astype(np.float32)
+        low = -8 * scale if name == "Q4_0" else blocks[:, 2:4].view(np.float16).astype(np.float32)
+        qs = blocks[:, -16:].reshape(-1, 1, 1, 16)
+    q = np.concatenate([qs & 0x0F, qs >> 4], axis=2).reshape(N, K)
+    groups = (N, K // 32)
+    return Int4Codes(torch.from_numpy(q), torch.from_numpy(scale.reshape(groups).copy()),
+                     torch.from_numpy(low.reshape(groups).copy()))
 
 
 @contextmanager

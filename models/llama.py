@@ -44,8 +44,7 @@ class Attention(nn.Module):
         """The residual stream h [B, L, hidden] at positions [B, L] plus attention over kv_len [B] positions of
         norm(h) (whose K/V are written there first)."""
         B, L, _ = h.shape
-        qkv = self.qkv_proj
-        q = attn.norm_rope_write(h, norm.weight, norm.eps, qkv.weight, qkv.bias, *rope, positions, k_cache, v_cache,
+        q = attn.norm_rope_write(h, norm.weight, norm.eps, self.qkv_proj, *rope, positions, k_cache, v_cache,
                                  self.n_heads, self.n_kv_heads)
         if L == 1:
             o = attn.decode_attention(q[:, :, 0], k_cache, v_cache, kv_len, scale=self.scale, window=self.window)
@@ -53,7 +52,7 @@ class Attention(nn.Module):
         else:
             o = attn.prefill_attention(q, k_cache, v_cache, kv_len, scale=self.scale, window=self.window)
             o = o.transpose(1, 2).reshape(B, L, -1)
-        return attn.linear_add(o, self.o_proj.weight, self.o_proj.bias, h)
+        return attn.linear_add(o, self.o_proj, h)
 
 
 class MLP(nn.Module):
@@ -64,9 +63,8 @@ class MLP(nn.Module):
 
     def forward(self, h, norm, attn: ModuleType):
         """The residual stream h plus the MLP of norm(h)."""
-        up = self.gate_up_proj
-        x = attn.norm_silu_mul(h, norm.weight, norm.eps, up.weight, up.bias)
-        return attn.linear_add(x, self.down_proj.weight, self.down_proj.bias, h)
+        x = attn.norm_silu_mul(h, norm.weight, norm.eps, self.gate_up_proj)
+        return attn.linear_add(x, self.down_proj, h)
 
 
 class DecoderLayer(nn.Module):
@@ -85,7 +83,10 @@ class DecoderLayer(nn.Module):
 class LlamaModel(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
-        self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
+        # Given its weight, Embedding skips its random init: normal_ on the meta device, where models are built,
+        # imports torch's Python decompositions (about 1 s and 145 MB resident on first use).
+        self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size,
+                                         _weight=torch.empty(args.vocab_size, args.hidden_size))
         self.layers = nn.ModuleList(DecoderLayer(args, i) for i in range(args.num_hidden_layers))
         self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
 
@@ -140,4 +141,4 @@ class LlamaForCausalLM(nn.Module):
         if not all_logits:
             h = h[:, -1]
         norm = self.model.norm
-        return self.attn.norm_linear(h, norm.weight, norm.eps, self.lm_head.weight).float()
+        return self.attn.norm_linear(h, norm.weight, norm.eps, self.lm_head).float()

@@ -82,7 +82,7 @@ def test_file_holds_the_live_kv_and_a_small_header(eng, gen, seed, tmp_path):
     assert cache.capacity > cache.length and header_len < 32 << 10
     assert (meta["format"], meta["version"], meta["length"], meta["dtype"]) == (
         "fa-chat session", persistence.VERSION, cache.length, "float32")
-    assert set(meta["model"]) == {"architecture", "config_sha256", "weights_sha256", "source"}
+    assert set(meta["model"]) == {"architecture", "config_sha256", "weights_sha256", "quantize", "source"}
     assert meta["tokens"] == session.tokens and meta["messages"] == session.messages
     assert meta["sampling"] == {"temperature": 1.0, "top_k": 0, "top_p": 1.0, "min_p": 0.0, "repetition_penalty": 1.0,
                                 "seed": seed, "max_new_tokens": 6, "stop": []}

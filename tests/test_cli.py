@@ -71,14 +71,19 @@ def test_repl_survives_a_user_error(tiny_dir):
     assert "Traceback" not in result.stderr
 
 
-def test_resume_with_prompt_continues_the_saved_conversation(tmp_path, tiny_dir, seed):
-    """One-shot --prompt on top of --resume answers as the library's resumed session does."""
-    engine = Engine.load(tiny_dir, device="cpu")
+def resumed_answer(engine, tmp_path, seed):
+    """A session of one turn saved to tmp_path/s.safetensors, `fa-chat --resume` of it answering a second
+    question, and the library's answer to that question."""
     session = engine.session(max_new_tokens=8, temperature=1.0, seed=seed)
     session.chat("first question")
     session.save(tmp_path / "s.safetensors")
     expected = session.chat("second question")
-    result = fa_chat("--resume", str(tmp_path / "s.safetensors"), "--prompt", "second question")
+    return fa_chat("--resume", str(tmp_path / "s.safetensors"), "--prompt", "second question"), expected
+
+
+def test_resume_with_prompt_continues_the_saved_conversation(tmp_path, tiny_dir, seed):
+    """One-shot --prompt on top of --resume answers as the library's resumed session does."""
+    result, expected = resumed_answer(Engine.load(tiny_dir, device="cpu"), tmp_path, seed)
     assert result.returncode == 0, result.stderr
     assert result.stdout == expected.text + "\n"
 
@@ -138,3 +143,21 @@ def test_ctrl_c_during_the_prefill_of_raw_text_returns_to_the_prompt(untemplated
     assert cli.main(["--model", str(path), "--device", "cpu", "--prompt", text]) == 130
     err = capsys.readouterr().err
     assert "[interrupted]" in err and "Traceback" not in err
+
+
+def test_quantize_flag_shows_the_resident_weights_and_resume_keeps_the_saved_quantization(tmp_path, tiny_dir, seed):
+    engine = Engine.load(tiny_dir, device="cpu", quantize="int8")
+    result = fa_chat("--model", str(tiny_dir), "--quantize", "int8", "--prompt", "hello", "--max-tokens", "4",
+                     "--temperature", "0", "--verbose", stdin="")
+    assert result.returncode == 0, result.stderr
+    expected = engine.generate([{"role": "user", "content": "hello"}], max_new_tokens=4, temperature=0)
+    assert result.stdout == expected.text + "\n"
+    assert f"weights: {engine.weight_bytes / 2**20:.1f} MiB resident, quantized to int8" in result.stderr
+    stats = fa_chat("--model", str(tiny_dir), "--quantize", "int4", stdin="/stats\n")
+    assert stats.returncode == 0 and "MiB resident, quantized to int4" in stats.stdout, stats.stderr
+
+    resumed, expected = resumed_answer(engine, tmp_path, seed)  # without --quantize: the saved int8
+    assert resumed.returncode == 0, resumed.stderr
+    assert resumed.stdout == expected.text + "\n"
+    refused = fa_chat("--resume", str(tmp_path / "s.safetensors"), "--quantize", "none", "--prompt", "x")
+    assert refused.returncode == 2 and "quantize='int8'" in refused.stderr and "Traceback" not in refused.stderr

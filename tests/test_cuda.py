@@ -193,14 +193,16 @@ def test_session_resumes_exactly_on_the_device(head64_models, dtype, gen, seed, 
     assert_exact(before.rows + after.rows, ref.rows, label)
 
 
-def test_cuda_graphs_give_the_eager_tokens(head64_models, monkeypatch, gen, seed):
-    """Decode steps replayed from CUDA graphs against the same steps run eagerly, in float32: identical greedy
-    tokens, and identical sampled tokens for one seed, past a doubling of the cache (a second capture)."""
+@pytest.mark.parametrize("quantize", ["none", "int4"])
+def test_cuda_graphs_give_the_eager_tokens(head64_models, quantize, monkeypatch, gen, seed):
+    """Decode steps replayed from CUDA graphs against the same steps run eagerly, in float32 (int4: linear layers
+    on torch's int4 kernel): identical greedy tokens, and identical sampled tokens for one seed, past a doubling of
+    the cache (a second capture)."""
     pytest.importorskip("triton", reason="CUDA graphs run with the triton backend")
     path = head64_models("llama")
-    graphs = Engine.load(path, device="cuda", dtype="float32")
+    graphs = Engine.load(path, device="cuda", dtype="float32", quantize=quantize)
     monkeypatch.setenv(GRAPHS_ENV, "0")
-    eager = Engine.load(path, device="cuda", dtype="float32")
+    eager = Engine.load(path, device="cuda", dtype="float32", quantize=quantize)
     assert (graphs.cuda_graphs, eager.cuda_graphs) == (True, False)
     for engine in (graphs, eager):
         engine.tokenizer.eos_token_ids = []  # runs of known length

@@ -224,6 +224,15 @@ def to(device, *tensors):
     return [None if t is None else t.to(device) for t in tensors]
 
 
+def linear(w, b):
+    """An nn.Linear holding w [N, K] and b, as the model passes its layers to the projections."""
+    layer = torch.nn.Linear(w.shape[1], w.shape[0], bias=b is not None, device="meta")
+    layer.weight = torch.nn.Parameter(w, requires_grad=False)
+    if b is not None:
+        layer.bias = torch.nn.Parameter(b, requires_grad=False)
+    return layer
+
+
 @projection_cases([F32, F16, BF16])
 def test_norm_linear(B, L, bias, dtype, backend, gen, seed):
     attn, device = backend
@@ -231,7 +240,7 @@ def test_norm_linear(B, L, bias, dtype, backend, gen, seed):
     x, w, b = projection_inputs(B, L, K, N, dtype, gen, bias)
     nw, eps = randn(K, gen, dtype), float(torch.empty(()).uniform_(1e-6, 1e-4, generator=gen))
     y, terms = projection(x, w, b, (nw, eps))
-    check(attn.norm_linear(*to(device, x, nw), eps, *to(device, w, b)), y, terms, dtype,
+    check(attn.norm_linear(*to(device, x, nw), eps, linear(*to(device, w, b))), y, terms, dtype,
           f"{attn.__name__} {dtype} B={B} L={L} bias={bias} seed={seed}")
 
 
@@ -247,7 +256,7 @@ def test_norm_silu_mul(B, L, bias, dtype, backend, gen, seed):
     y = silu * up
     # silu's slope is at most 1.1; exp's relative error grows with its argument (as in test_silu_mul)
     y_terms = 1.1 * t_gate * up.abs() + silu.abs() * t_up + y.abs() * (1 + gate.abs())
-    check(attn.norm_silu_mul(*to(device, x, nw), 1e-5, *to(device, w, b)), y, y_terms, dtype,
+    check(attn.norm_silu_mul(*to(device, x, nw), 1e-5, linear(*to(device, w, b))), y, y_terms, dtype,
           f"{attn.__name__} {dtype} B={B} L={L} bias={bias} seed={seed}")
 
 
@@ -259,7 +268,8 @@ def test_linear_add(B, L, bias, dtype, backend, gen, seed):
     residual = randn((B, L, N), gen, dtype, 3.0)
     y, terms = projection(x, w, b)
     y, terms = y + residual.to(F64), terms + residual.to(F64).abs()
-    check(attn.linear_add(*to(device, x, w, b, residual)), y, terms, dtype,
+    x, w, b, residual = to(device, x, w, b, residual)
+    check(attn.linear_add(x, linear(w, b), residual), y, terms, dtype,
           f"{attn.__name__} {dtype} B={B} L={L} bias={bias} seed={seed}")
 
 
@@ -272,7 +282,7 @@ def test_norm_rope_write(B, L, D, Hq, Hkv, bias, dtype, backend, gen, seed):
     nw = randn(K, gen, dtype)
     cos, sin, positions, k_buf, v_buf = rope_inputs(B, L, Hkv, D, C, dtype, device, gen)
     msg = f"{attn.__name__} {dtype} B={B} L={L} Hq={Hq} Hkv={Hkv} D={D} bias={bias} seed={seed}"
-    q = attn.norm_rope_write(*to(device, x, nw), 1e-5, *to(device, w, b), cos, sin, positions.to(device),
+    q = attn.norm_rope_write(*to(device, x, nw), 1e-5, linear(*to(device, w, b)), cos, sin, positions.to(device),
                              k_buf[:, :, :C], v_buf[:, :, :C], Hq, Hkv)
     qkv, terms = projection(x, w, b, (nw, 1e-5))
     check_rope_written(q, k_buf, v_buf, qkv, terms, positions, C, Hq, Hkv, dtype, msg)

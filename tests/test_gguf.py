@@ -360,6 +360,62 @@ def test_tiny_weights_every_type(arch, tmp_path, rng):
         assert set(tf_sd) <= set(yielded)
 
 
+@needs_gguf
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_kept_blocks_are_the_dequantized_values(arch, tmp_path, rng):
+    """quantize="gguf" yields Q4_0, Q4_1 and Q4_K matrices as int4 codes whose values are the dequantized
+    tensor's bit for bit (llama's q/k rows un-permuted alike), the other quantized types' as int8 codes within
+    half a step of it, and float types as the same floats; "int4" keeps only the int4 codes. An engine's layers
+    hold those values, the shards of a fused projection in their places (requantized to int8 where their types
+    differ)."""
+    from fachat import Engine
+    from fachat.models.quant import Int4Codes, Int4Linear, Int8Codes, Int8Linear
+
+    tokenizer = byte_level_tokenizer()
+    cfg = tiny_config(rng, len(tokenizer["tokens"]))
+    weights = util.random_weights(cfg, rng, bias=arch == "qwen2", tied=arch == "qwen2")
+    matrices = [n for n, w in weights.items() if w.ndim == 2]
+    types = dict(zip(rng.permutation(matrices).tolist(), list(rng.permutation(ALL_TYPES)) * 3))
+    path = tmp_path / f"tiny-{arch}.gguf"
+    util.write_tiny_gguf(path, arch=arch, cfg=cfg, weights=weights, types=types, tokenizer=tokenizer, rng=rng)
+    config = read_gguf(path).config
+    floats = dict(iter_gguf_tensors(path, config))
+    for mode in ("gguf", "int4"):
+        seen = set()
+        for name, value in iter_gguf_tensors(path, config, quantize=mode):
+            kind, expected = types.get(name, "F32"), floats[name]
+            seen.add(name)
+            if kind in ("Q4_0", "Q4_1", "Q4_K"):
+                assert isinstance(value, Int4Codes) and torch.equal(value.dequantize(), expected), (mode, name, kind)
+            elif mode == "gguf" and kind not in ("F32", "F16", "BF16"):
+                assert isinstance(value, Int8Codes), (name, kind)
+                err = (value.dequantize().double() - expected.double()).abs()
+                assert (err <= value.scale.double()[:, None] * (0.5 + 1e-6)).all(), (name, kind)
+            else:
+                assert isinstance(value, torch.Tensor) and torch.equal(value, expected), (mode, name, kind)
+        assert seen == set(floats)
+    # The engine: each projection holds the dequantized engine's weights, as int4 (bfloat16 scales: within 2^-7
+    # of the row's largest weight) or int8 (within half its row's step), shards of different types fused.
+    quantized = Engine.load(path, device="cpu", dtype="float32")
+    dequantized = Engine.load(path, device="cpu", dtype="float32", quantize="none")
+    layers = dict(quantized.model.named_modules())
+    for name, linear in dequantized.model.named_modules():
+        if not isinstance(linear, torch.nn.Linear) or name == "lm_head" and arch == "qwen2":
+            continue
+        layer, expected = layers[name], linear.weight.double()
+        if isinstance(layer, Int8Linear):
+            step = layer.scales.double()[:, None]
+            assert ((layer.weight_int8.double() * step - expected).abs() <= step * (0.5 + 1e-6)).all(), name
+        elif isinstance(layer, Int4Linear):
+            eye = torch.eye(layer.in_features, dtype=torch.bfloat16)
+            err = (layer(eye).double().T - expected).abs()
+            assert (err <= 2 ** -7 * expected.abs().amax(1, keepdim=True)).all(), name
+        else:
+            assert torch.equal(layer.weight, linear.weight), name  # float types stay float
+    ids = rng.integers(0, cfg["vocab_size"], 24).tolist()
+    assert torch.isfinite(quantized.score(ids)).all()
+
+
 def _transformers_gguf_splits() -> dict:
     try:
         from transformers.integrations.gguf.gguf_tokenizer_mapping import GGUF_PRE_TOKENIZER_SPLITS

@@ -1,6 +1,7 @@
 """Issue 19: a hostile config.json, or a GGUF whose metadata says the same, gets a ModelLoadError naming the file
-and the field; nothing loads and no other exception escapes. Values that pass those checks but make NaN or inf
-logits, and weights holding NaN or inf, are refused by Engine.load's one-token forward pass."""
+and the field; nothing loads and no other exception escapes. Weights holding NaN or inf are refused as they are
+read, naming the weight; config values that pass those checks but make NaN or inf, by Engine.load's checks of the
+rotary frequencies and of a one-token forward pass."""
 from __future__ import annotations
 
 import json
@@ -219,21 +220,21 @@ def test_hostile_gguf_rope_factor(tmp_path, gguf_tokenizer, seed):
     assert "llama.rope.scaling.factor" in str(refused(path, CorruptModelError)), f"seed={seed}"
 
 
-# ---------------------------------------------------------------- NaN or inf on the first forward pass
+# ---------------------------------------------------------------- NaN or inf weights, and values that make them
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
 def test_safetensors_weight_not_finite(model_folder, gen, seed, bad):
-    """One element of one weight, drawn at random; not the embeddings, where only the probed token's row counts."""
+    """One element of one weight, drawn at random."""
     file = model_folder / "model.safetensors"
     tensors = load_file(str(file))
-    names = sorted(n for n in tensors if n != "model.embed_tokens.weight")
+    names = sorted(tensors)
     name = names[int(torch.randint(len(names), (1,), generator=gen))]
     flat = tensors[name].view(-1)
     flat[int(torch.randint(flat.numel(), (1,), generator=gen))] = bad
     save_file(tensors, str(file), metadata={"format": "pt"})
     error = refused(model_folder, CorruptModelError)
-    assert "NaN or inf logits" in str(error), f"{bad} in {name} gave: {error}; seed={seed}"
+    assert f"weight {name} holds NaN or inf values" in str(error), f"{bad} in {name} gave: {error}; seed={seed}"
 
 
 def test_gguf_weight_not_finite(tmp_path, gguf_tokenizer, gen, seed):
@@ -243,7 +244,17 @@ def test_gguf_weight_not_finite(tmp_path, gguf_tokenizer, gen, seed):
 
     path = tmp_path / "nan.gguf"
     write_gguf(path, gguf_tokenizer, seed, weights_change=poison)
-    assert "NaN or inf logits" in str(refused(path, CorruptModelError)), f"seed={seed}"
+    message = str(refused(path, CorruptModelError))
+    assert "weight model.layers.0.mlp.down_proj.weight holds NaN or inf values" in message, f"{message}; seed={seed}"
+
+
+def test_finite_weights_that_overflow_are_refused_by_the_forward_pass(model_folder):
+    """Every weight finite, but the final norm's so large that the logits overflow float32."""
+    file = model_folder / "model.safetensors"
+    tensors = load_file(str(file))
+    tensors["model.norm.weight"].fill_(3e38)
+    save_file(tensors, str(file), metadata={"format": "pt"})
+    assert "NaN or inf logits" in str(refused(model_folder, CorruptModelError))
 
 
 def test_values_that_pass_checks_but_give_nan(model_folder):
@@ -251,4 +262,4 @@ def test_values_that_pass_checks_but_give_nan(model_folder):
     position 0 times inf is NaN."""
     config = json.loads((model_folder / "config.json").read_text())
     write_config(model_folder, config | {"rope_parameters": {"rope_type": "default", "rope_theta": 1e-300}})
-    assert "NaN or inf logits" in str(refused(model_folder, CorruptModelError))
+    assert "the rotary embedding's frequencies are NaN or inf" in str(refused(model_folder, CorruptModelError))

@@ -10,7 +10,7 @@ from __future__ import annotations
 from functools import cache
 
 import torch
-import torch.nn.functional as F
+from torch import nn
 import triton
 import triton.language as tl
 
@@ -314,41 +314,44 @@ def _gemv(x, weight, bias, N: int, norm=None, residual=None, silu=False):
     return out
 
 
-def _few_rows(x) -> bool:
-    return x.numel() // x.shape[-1] <= GEMV_ROWS
+def _gemv_fits(x, linear) -> bool:
+    """Whether a projection runs as one _linear kernel: up to GEMV_ROWS rows through a float nn.Linear (a
+    quantized layer runs its own kernel)."""
+    return x.numel() // x.shape[-1] <= GEMV_ROWS and isinstance(linear, nn.Linear)
 
 
-def norm_linear(x, norm_weight, eps, weight, bias=None):
+def norm_linear(x, norm_weight, eps, linear):
     """The contract of fachat.kernels.reference.norm_linear; one launch for up to GEMV_ROWS rows."""
-    if not _few_rows(x):
-        return F.linear(rms_norm(x, norm_weight, eps), weight, bias)
-    return _gemv(x, weight, bias, weight.shape[0], norm=(norm_weight, eps))
+    if not _gemv_fits(x, linear):
+        return linear(rms_norm(x, norm_weight, eps))
+    return _gemv(x, linear.weight, linear.bias, linear.out_features, norm=(norm_weight, eps))
 
 
-def norm_silu_mul(x, norm_weight, eps, weight, bias=None):
+def norm_silu_mul(x, norm_weight, eps, linear):
     """The contract of fachat.kernels.reference.norm_silu_mul; one launch for up to GEMV_ROWS rows."""
-    if not _few_rows(x):
-        return silu_mul(F.linear(rms_norm(x, norm_weight, eps), weight, bias))
-    return _gemv(x, weight, bias, weight.shape[0] // 2, norm=(norm_weight, eps), silu=True)
+    if not _gemv_fits(x, linear):
+        return silu_mul(linear(rms_norm(x, norm_weight, eps)))
+    return _gemv(x, linear.weight, linear.bias, linear.out_features // 2, norm=(norm_weight, eps), silu=True)
 
 
-def linear_add(x, weight, bias, residual):
+def linear_add(x, linear, residual):
     """The contract of fachat.kernels.reference.linear_add; one launch for up to GEMV_ROWS rows."""
-    if not _few_rows(x):
-        return residual + F.linear(x, weight, bias)
-    return _gemv(x, weight, bias, weight.shape[0], residual=residual)
+    if not _gemv_fits(x, linear):
+        return residual + linear(x)
+    return _gemv(x, linear.weight, linear.bias, linear.out_features, residual=residual)
 
 
-def norm_rope_write(x, norm_weight, eps, weight, bias, cos, sin, positions, k_cache, v_cache, n_heads: int,
+def norm_rope_write(x, norm_weight, eps, linear, cos, sin, positions, k_cache, v_cache, n_heads: int,
                     n_kv_heads: int):
     """The contract of fachat.kernels.reference.norm_rope_write (and rope_write's conditions); one launch for up
     to GEMV_ROWS tokens."""
-    if not _few_rows(x):
-        return rope_write(F.linear(rms_norm(x, norm_weight, eps), weight, bias), cos, sin, positions, k_cache,
-                          v_cache, n_heads, n_kv_heads)
+    if not _gemv_fits(x, linear):
+        return rope_write(linear(rms_norm(x, norm_weight, eps)), cos, sin, positions, k_cache, v_cache, n_heads,
+                          n_kv_heads)
     B, L, hidden = x.shape
     D = cos.shape[-1]
     rows = _rows(x)
+    weight, bias = linear.weight, linear.bias
     q = torch.empty((B, L, n_heads, D), dtype=x.dtype, device=x.device)
     meta = _rope_linear_meta(hidden, n_heads, n_kv_heads, D, bias is not None, use_pdl(x.device))
     programs = (n_heads + 2 * n_kv_heads) * (D // 2 // meta["BLOCK_R"])
