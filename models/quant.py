@@ -1,10 +1,11 @@
 """Weights that stay quantized: int4 (groups of 32 along the input) and int8 (one scale per output channel) linear
-layers on PyTorch's own low-bit matmuls, and an int8 embedding whose rows are dequantized as they are looked up.
+layers, and an int8 embedding whose rows are dequantized as they are looked up. On CPU they run PyTorch's own
+low-bit matmuls; on CUDA int4 runs the triton backend's projection kernels in decode.
 
 Loaders hand over codes (Int4Codes, Int8Codes): exact integer values and float32 scales, from a GGUF file's
 blocks or from quantize_int4/quantize_int8 of float weights. The modules pack them for the device's kernel.
-The kernels take bfloat16 activations (on CPU they are fast only with them, on CUDA they need them), so a
-layer rounds its input to bfloat16, its scales too, and returns its output in the input's dtype.
+The kernels take bfloat16 activations (on CPU they are fast only with them), so a layer rounds its input to
+bfloat16, its scales too, and returns its output in the input's dtype.
 """
 from __future__ import annotations
 
@@ -103,10 +104,10 @@ def _values(w: Codes | torch.Tensor) -> torch.Tensor:
 
 
 def int4_fits(out_features: int, in_features: int, device: torch.device) -> bool:
-    """Whether the device's int4 kernel takes a weight of this shape (MPS: not run here, int8 there)."""
+    """Whether the device's Int4Linear takes a weight of this shape (MPS: not run here, int8 there)."""
     if in_features % GROUP or device.type not in ("cpu", "cuda"):
         return False
-    return out_features % (16 if device.type == "cpu" else 8) == 0
+    return device.type != "cpu" or out_features % 16 == 0  # the CPU kernel's packing
 
 
 class QuantLinear(nn.Module):
@@ -127,32 +128,36 @@ class QuantLinear(nn.Module):
 
 
 class Int4Linear(QuantLinear):
-    """Groupwise int4: torch's _weight_int4pack_mm (CUDA) or _weight_int4pack_mm_for_cpu, whose weights are
-    (q - 8) * scale + zero, scale and zero bfloat16 [K / GROUP, N, 2]."""
+    """Groupwise int4, weights (q - 8) * scale + zero with scale and zero in bfloat16, in one of two layouts:
+    - CPU: torch's _weight_int4pack_mm_for_cpu, its packed codes and scales_and_zeros [K / GROUP, N, 2];
+    - portable (other devices; `portable`): codes two a byte, the even column's in the low nibble, `packed`
+      [N, K / 2], and scales_and_zeros [N, K / GROUP, 2], which the triton backend's projection kernels read
+      for a few rows (decode); this module's own forward (prefill, the reference backend) dequantizes the
+      weights to bfloat16 and multiplies with torch's matmul."""
 
-    def __init__(self, codes: Int4Codes, bias: torch.Tensor | None, device: torch.device):
+    def __init__(self, codes: Int4Codes, bias: torch.Tensor | None, device: torch.device,
+                 portable: bool | None = None):
         N, K = codes.q.shape
         super().__init__(K, N, bias, device)
+        self.portable = device.type != "cpu" if portable is None else portable
         q = codes.q.to(device)
-        if device.type == "cpu":
-            packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32), 1)
-        else:  # two codes a byte, the even column in the high nibble
-            pairs = q.view(N, K // 2, 2)
-            packed = torch.ops.aten._convert_weight_to_int4pack((pairs[..., 0] << 4) | pairs[..., 1],
-                                                               _inner_k_tiles(K))
         zero = codes.min + 8 * codes.scale
-        self.register_buffer("packed", packed)
-        self.register_buffer("scales_and_zeros", torch.stack([codes.scale.T, zero.T], -1).to(device, KERNEL_DTYPE)
-                             .contiguous())
+        if self.portable:
+            packed = q[:, 0::2] | (q[:, 1::2] << 4)
+            scales_and_zeros = torch.stack([codes.scale, zero], -1)
+        else:
+            packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32), 1)
+            scales_and_zeros = torch.stack([codes.scale.T, zero.T], -1)
+        self.register_buffer("packed", packed.contiguous())
+        self.register_buffer("scales_and_zeros", scales_and_zeros.to(device, KERNEL_DTYPE).contiguous())
 
     def _matmul(self, x):
-        if x.device.type == "cpu":
+        if not self.portable:
             return torch.ops.aten._weight_int4pack_mm_for_cpu(x, self.packed, GROUP, self.scales_and_zeros)
-        return torch.ops.aten._weight_int4pack_mm(x, self.packed, GROUP, self.scales_and_zeros)
-
-
-def _inner_k_tiles(K: int) -> int:
-    return next(t for t in (8, 4, 2) if K % (16 * t) == 0)
+        codes = torch.stack([self.packed & 15, self.packed >> 4], -1).view(self.out_features, -1, GROUP)
+        scale, zero = self.scales_and_zeros.float().unbind(-1)
+        weight = (codes.float() - 8) * scale[..., None] + zero[..., None]
+        return F.linear(x, weight.view(self.out_features, self.in_features).to(KERNEL_DTYPE))
 
 
 class Int8Linear(QuantLinear):

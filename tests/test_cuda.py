@@ -193,6 +193,31 @@ def test_session_resumes_exactly_on_the_device(head64_models, dtype, gen, seed, 
     assert_exact(before.rows + after.rows, ref.rows, label)
 
 
+@pytest.mark.parametrize("variant", ["llama", "qwen2"])
+def test_int4_decode_steps_match_transformers_on_the_kernels_weights(head64_models, variant, gen, seed):
+    """int4 on CUDA: every token fed one step at a time, so each projection runs the triton backend's int4 kernel
+    (in float32) against transformers' float32 model given the weights that kernel computes with (int4 codes,
+    bfloat16 scales; the int8 table): float32 summation order apart."""
+    pytest.importorskip("triton", reason="the int4 projection kernels are the triton backend's")
+    from test_quant import emulate_kernels
+    from transformers import AutoModelForCausalLM
+
+    from fachat.models import quant
+
+    path = head64_models(variant)
+    engine = Engine.load(path, device="cuda", dtype="float32", quantize="int4")
+    layer = engine.model.model.layers[0].mlp.down_proj
+    assert engine.attention_backend == "triton" and isinstance(layer, quant.Int4Linear) and layer.portable
+    peer = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    peer = emulate_kernels(peer, lambda w: quant.to_scheme(w, "int4"), rounding=False).cuda()
+    ids = torch.randint(3, engine.args.vocab_size, (randint(gen, 8, 40),), generator=gen).tolist()
+    ours = step_logits(engine, ids, 1)
+    with torch.inference_mode():
+        theirs = peer(torch.tensor([ids], device="cuda")).logits[0]
+    err = float((ours - theirs).abs().max() / theirs.abs().max())
+    assert err < 1e-4, f"{variant}: {err:.2e} of the largest logit; seed={seed}"
+
+
 @pytest.mark.parametrize("quantize", ["none", "int4"])
 def test_cuda_graphs_give_the_eager_tokens(head64_models, quantize, monkeypatch, gen, seed):
     """Decode steps replayed from CUDA graphs against the same steps run eagerly, in float32 (int4: linear layers

@@ -13,6 +13,8 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from fachat.kernels import reference
+from fachat.models import quant
+from test_quant import kernel_weights
 
 CUDA = torch.cuda.is_available()
 TRITON_DEVICE = "cuda" if CUDA else "cpu"
@@ -24,10 +26,10 @@ if not CUDA:
     os.environ["TRITON_INTERPRET"] = "1"
 try:
     from fachat.kernels import triton as triton_backend
-    from fachat.kernels.triton import decode
+    from fachat.kernels.triton import decode, fused
     NO_TRITON = None
 except ImportError as e:
-    triton_backend = decode = None
+    triton_backend = decode = fused = None
     NO_TRITON = f"the triton backend does not import ({e}); the test extra installs triton on Linux"
 finally:
     if saved is None:
@@ -55,13 +57,14 @@ def backend(request):
     return triton_backend, TRITON_DEVICE
 
 
-def check(out, expected, terms, dtype, msg):
-    """out (any device) equals float64 expected within ULPS of terms, the elementwise magnitude of what was summed."""
+def check(out, expected, terms, dtype, msg, rounded_to=None):
+    """out (any device) equals float64 expected within ULPS of terms, the elementwise magnitude of what was summed,
+    in units of dtype's last place (rounded_to's, where the computation rounds to a coarser dtype on the way)."""
     out = out.cpu()
     assert out.dtype == dtype and out.shape == expected.shape, f"{out.dtype} {tuple(out.shape)}; {msg}"
     assert not out.isnan().any(), f"NaN in output; {msg}"
     err = (out.to(F64) - expected).abs()
-    bound = ULPS * ULP[dtype] * (terms + torch.finfo(dtype).tiny)
+    bound = ULPS * ULP[rounded_to or dtype] * (terms + torch.finfo(dtype).tiny)
     worst = (err / bound).argmax()
     assert (err <= bound).all(), \
         f"off by {err.flatten()[worst]:.3g} at {worst.item()} (allowed {bound.flatten()[worst]:.3g}); {msg}"
@@ -136,9 +139,10 @@ def rotated(x, cos, sin):
     return out, terms
 
 
-def check_rope_written(q, k_buf, v_buf, qkv, terms, positions, C, Hq, Hkv, dtype, msg):
+def check_rope_written(q, k_buf, v_buf, qkv, terms, positions, C, Hq, Hkv, dtype, msg, rounded_to=None):
     """q [B, Hq, L, D], and k and v written at positions [B, L] of caches holding NaN elsewhere, against the float64
-    projection qkv [B, L, (Hq + 2 * Hkv) * D] (terms: the magnitude of what makes each of its elements)."""
+    projection qkv [B, L, (Hq + 2 * Hkv) * D] (terms: the magnitude of what makes each of its elements; rounded_to:
+    as check's)."""
     B, L, _ = qkv.shape
     D = q.shape[-1]
     x, t = qkv.view(B, L, Hq + 2 * Hkv, D), terms.view(B, L, Hq + 2 * Hkv, D)
@@ -149,7 +153,7 @@ def check_rope_written(q, k_buf, v_buf, qkv, terms, positions, C, Hq, Hkv, dtype
     q_ref, q_terms = rotated(x[:, :, :Hq], c, s)
     k_ref, k_terms = rotated(x[:, :, Hq:Hq + Hkv], c, s)
     q_terms, k_terms = q_terms + rot_terms[:, :, :Hq], k_terms + rot_terms[:, :, Hq:Hq + Hkv]
-    check(q, q_ref.transpose(1, 2), q_terms.transpose(1, 2), dtype, f"q; {msg}")
+    check(q, q_ref.transpose(1, 2), q_terms.transpose(1, 2), dtype, f"q; {msg}", rounded_to)
 
     written = torch.zeros(B, v_buf.shape[2], dtype=torch.bool)
     written[torch.arange(B)[:, None], positions] = True
@@ -158,9 +162,11 @@ def check_rope_written(q, k_buf, v_buf, qkv, terms, positions, C, Hq, Hkv, dtype
     assert k_got[~k_written].isnan().all() and v_got[~written].isnan().all(), f"wrote past the positions; {msg}"
     # k_got[written] holds each row's written positions in increasing order: the tokens sorted by position.
     by_position = torch.arange(B)[:, None], positions.argsort(-1)
-    check(k_got[k_written], k_ref[by_position].flatten(0, 1), k_terms[by_position].flatten(0, 1), dtype, f"k; {msg}")
+    check(k_got[k_written], k_ref[by_position].flatten(0, 1), k_terms[by_position].flatten(0, 1), dtype, f"k; {msg}",
+          rounded_to)
     v_ref, v_terms = x[:, :, Hq + Hkv:], t[:, :, Hq + Hkv:]
-    check(v_got[written], v_ref[by_position].flatten(0, 1), v_terms[by_position].flatten(0, 1), dtype, f"v; {msg}")
+    check(v_got[written], v_ref[by_position].flatten(0, 1), v_terms[by_position].flatten(0, 1), dtype, f"v; {msg}",
+          rounded_to)
 
 
 def rope_inputs(B, L, Hkv, D, C, dtype, device, gen):
@@ -196,10 +202,11 @@ PROJECTION_ROWS = [(1, 1), (3, 1), (1, 3), (2, 3)]
 
 
 def projection_cases(dtypes):
-    """Parametrises a test over dtypes, with and without a bias, and PROJECTION_ROWS."""
+    """Parametrises a test over dtypes, with and without a bias, PROJECTION_ROWS and float or int4 weights."""
     def mark(test):
         for parametrize in (pytest.mark.parametrize("dtype", dtypes), pytest.mark.parametrize("bias", [False, True]),
-                            pytest.mark.parametrize("B,L", PROJECTION_ROWS)):
+                            pytest.mark.parametrize("B,L", PROJECTION_ROWS),
+                            pytest.mark.parametrize("weights", ["float", "int4"])):
             test = parametrize(test)
         return test
     return mark
@@ -233,22 +240,37 @@ def linear(w, b):
     return layer
 
 
+def layer_of(w, b, weights, attn, device, rows):
+    """(the layer the projection gets, the float64 weights it computes with, the dtype it rounds to on the way or
+    None): w itself, or (weights "int4") an Int4Linear of w's int4 codes in the layout the triton kernels read,
+    which computes with the kernel's weights; for more than GEMV_ROWS rows in bfloat16, as torch's int4 kernels."""
+    if weights == "float":
+        return linear(*to(device, w, b)), w.to(F64), None
+    if attn is reference:
+        pytest.skip("the reference backend's Int4Linear rounds to bfloat16 as torch's kernels do: tests/test_quant.py")
+    codes = quant.quantize_int4(w.float())
+    layer = quant.Int4Linear(codes, b, torch.device(device), portable=True)
+    return layer, kernel_weights(codes), BF16 if rows > fused.GEMV_ROWS else None
+
+
 @projection_cases([F32, F16, BF16])
-def test_norm_linear(B, L, bias, dtype, backend, gen, seed):
+def test_norm_linear(B, L, bias, weights, dtype, backend, gen, seed):
     attn, device = backend
-    K, N = 200, 100  # neither a block's multiple
+    K, N = 224, 100  # neither a block's multiple (K: groups of 32 for int4)
     x, w, b = projection_inputs(B, L, K, N, dtype, gen, bias)
+    layer, w, rounded_to = layer_of(w, b, weights, attn, device, B * L)
     nw, eps = randn(K, gen, dtype), float(torch.empty(()).uniform_(1e-6, 1e-4, generator=gen))
     y, terms = projection(x, w, b, (nw, eps))
-    check(attn.norm_linear(*to(device, x, nw), eps, linear(*to(device, w, b))), y, terms, dtype,
-          f"{attn.__name__} {dtype} B={B} L={L} bias={bias} seed={seed}")
+    check(attn.norm_linear(*to(device, x, nw), eps, layer), y, terms, dtype,
+          f"{attn.__name__} {weights} {dtype} B={B} L={L} bias={bias} seed={seed}", rounded_to)
 
 
 @projection_cases([F32, BF16])
-def test_norm_silu_mul(B, L, bias, dtype, backend, gen, seed):
+def test_norm_silu_mul(B, L, bias, weights, dtype, backend, gen, seed):
     attn, device = backend
     K, I = 96, 150
     x, w, b = projection_inputs(B, L, K, 2 * I, dtype, gen, bias)
+    layer, w, rounded_to = layer_of(w, b, weights, attn, device, B * L)
     nw = randn(K, gen, dtype)
     gate_up, terms = projection(x, w, b, (nw, 1e-5))
     (gate, up), (t_gate, t_up) = gate_up.split(I, -1), terms.split(I, -1)
@@ -256,36 +278,37 @@ def test_norm_silu_mul(B, L, bias, dtype, backend, gen, seed):
     y = silu * up
     # silu's slope is at most 1.1; exp's relative error grows with its argument (as in test_silu_mul)
     y_terms = 1.1 * t_gate * up.abs() + silu.abs() * t_up + y.abs() * (1 + gate.abs())
-    check(attn.norm_silu_mul(*to(device, x, nw), 1e-5, linear(*to(device, w, b))), y, y_terms, dtype,
-          f"{attn.__name__} {dtype} B={B} L={L} bias={bias} seed={seed}")
+    check(attn.norm_silu_mul(*to(device, x, nw), 1e-5, layer), y, y_terms, dtype,
+          f"{attn.__name__} {weights} {dtype} B={B} L={L} bias={bias} seed={seed}", rounded_to)
 
 
 @projection_cases([F32, BF16])
-def test_linear_add(B, L, bias, dtype, backend, gen, seed):
+def test_linear_add(B, L, bias, weights, dtype, backend, gen, seed):
     attn, device = backend
-    K, N = 300, 72
+    K, N = 288, 72
     x, w, b = projection_inputs(B, L, K, N, dtype, gen, bias)
+    layer, w, rounded_to = layer_of(w, b, weights, attn, device, B * L)
     residual = randn((B, L, N), gen, dtype, 3.0)
     y, terms = projection(x, w, b)
     y, terms = y + residual.to(F64), terms + residual.to(F64).abs()
-    x, w, b, residual = to(device, x, w, b, residual)
-    check(attn.linear_add(x, linear(w, b), residual), y, terms, dtype,
-          f"{attn.__name__} {dtype} B={B} L={L} bias={bias} seed={seed}")
+    check(attn.linear_add(*to(device, x), layer, *to(device, residual)), y, terms, dtype,
+          f"{attn.__name__} {weights} {dtype} B={B} L={L} bias={bias} seed={seed}", rounded_to)
 
 
 @pytest.mark.parametrize("D,Hq,Hkv", [(64, 9, 3), (128, 4, 2)])
 @projection_cases([F32, BF16])
-def test_norm_rope_write(B, L, D, Hq, Hkv, bias, dtype, backend, gen, seed):
+def test_norm_rope_write(B, L, D, Hq, Hkv, bias, weights, dtype, backend, gen, seed):
     attn, device = backend
-    K, C = 72, 24
+    K, C = 96, 24
     x, w, b = projection_inputs(B, L, K, (Hq + 2 * Hkv) * D, dtype, gen, bias)
+    layer, w, rounded_to = layer_of(w, b, weights, attn, device, B * L)
     nw = randn(K, gen, dtype)
     cos, sin, positions, k_buf, v_buf = rope_inputs(B, L, Hkv, D, C, dtype, device, gen)
-    msg = f"{attn.__name__} {dtype} B={B} L={L} Hq={Hq} Hkv={Hkv} D={D} bias={bias} seed={seed}"
-    q = attn.norm_rope_write(*to(device, x, nw), 1e-5, linear(*to(device, w, b)), cos, sin, positions.to(device),
+    msg = f"{attn.__name__} {weights} {dtype} B={B} L={L} Hq={Hq} Hkv={Hkv} D={D} bias={bias} seed={seed}"
+    q = attn.norm_rope_write(*to(device, x, nw), 1e-5, layer, cos, sin, positions.to(device),
                              k_buf[:, :, :C], v_buf[:, :, :C], Hq, Hkv)
     qkv, terms = projection(x, w, b, (nw, 1e-5))
-    check_rope_written(q, k_buf, v_buf, qkv, terms, positions, C, Hq, Hkv, dtype, msg)
+    check_rope_written(q, k_buf, v_buf, qkv, terms, positions, C, Hq, Hkv, dtype, msg, rounded_to)
 
 
 # ---------------------------------------------------------------- the model on the triton backend

@@ -98,7 +98,7 @@ def test_int8_embedding_rows_are_the_tables_values_and_the_tied_head_shares_them
 # ---------------------------------------------------------------- models
 
 
-def emulate_kernels(peer: nn.Module, codes_of) -> nn.Module:
+def emulate_kernels(peer: nn.Module, codes_of, rounding: bool = True) -> nn.Module:
     """A copy of a transformers model computing as the quantized engine should: each linear layer with the
     kernel's weights of codes_of(its float weight), its input and its product rounded to bfloat16 (the bias
     added after, in float32), and the embedding table's rows as int8 values."""
@@ -119,6 +119,7 @@ def emulate_kernels(peer: nn.Module, codes_of) -> nn.Module:
         for module in peer.modules():
             if isinstance(module, nn.Linear):
                 module.weight.copy_(kernel_weights(codes_of(module.weight)).float())
+            if isinstance(module, nn.Linear) and rounding:
                 module.register_forward_pre_hook(round_input)
                 module.register_forward_hook(round_product)
     return peer

@@ -15,6 +15,7 @@ import triton
 import triton.language as tl
 
 from fachat.kernels.triton.decode import INTERPRET, Launcher, use_pdl
+from fachat.models.quant import Int4Linear
 
 
 def _launch(launcher: Launcher, grid, tensors: tuple, scalars: tuple, meta: dict) -> None:
@@ -163,10 +164,29 @@ def _inv_rms(X, eps, K: tl.constexpr, BLOCK_K: tl.constexpr):
 
 
 @triton.jit
-def _weights(W, rows, live, k0, K: tl.constexpr, BLOCK_K: tl.constexpr):
+def _weights(W, S, rows, live, k0, K: tl.constexpr, BLOCK_K: tl.constexpr, INT4: tl.constexpr,
+             BLOCK_R: tl.constexpr):
+    """W[rows, k0:k0 + BLOCK_K]. INT4: W [N, K / 2] holds int4 codes two a byte (the even column's in the low
+    nibble), S [N, K / 32, 2] each group's scale and zero; the weights are (q - 8) * scale + zero, in fp32."""
     cols = k0 + tl.arange(0, BLOCK_K)
-    return tl.load(W + rows[:, None].to(tl.int64) * K + cols[None, :], mask=live[:, None] & (cols < K)[None, :],
-                   other=0.0)
+    mask = live[:, None] & (cols < K)[None, :]
+    r = rows[:, None].to(tl.int64)
+    if INT4:  # a compile-time branch: one return, whose type differs between the two kernels
+        # each byte once, split into its two codes and interleaved back; each group's scale and zero once
+        pairs = k0 // 2 + tl.arange(0, BLOCK_K // 2)
+        byte = tl.load(W + r * (K // 2) + pairs[None, :], mask=live[:, None] & (pairs < K // 2)[None, :],
+                       other=0).to(tl.int32)
+        q = tl.reshape(tl.join(byte & 15, byte >> 4), (BLOCK_R, BLOCK_K)).to(tl.float32) - 8
+        groups = k0 // 32 + tl.arange(0, BLOCK_K // 32)
+        at = S + (r * (K // 32) + groups[None, :]) * 2
+        in_groups = live[:, None] & (groups < K // 32)[None, :]
+        scale = tl.load(at, mask=in_groups, other=0.0).to(tl.float32)
+        zero = tl.load(at + 1, mask=in_groups, other=0.0).to(tl.float32)
+        w = tl.reshape(tl.reshape(q, (BLOCK_R, BLOCK_K // 32, 32)) * scale[:, :, None] + zero[:, :, None],
+                       (BLOCK_R, BLOCK_K))
+    else:
+        w = tl.load(W + r * K + cols[None, :], mask=mask, other=0.0)
+    return w
 
 
 @triton.jit
@@ -183,20 +203,22 @@ def _input(X, NW, inv, k0, K: tl.constexpr, BLOCK_K: tl.constexpr, NORM: tl.cons
 
 
 @triton.jit
-def _dot_rows(X, NW, W, w0, rows, live, inv, K: tl.constexpr, BLOCK_K: tl.constexpr, NORM: tl.constexpr):
+def _dot_rows(X, NW, W, S, w0, rows, live, inv, K: tl.constexpr, BLOCK_K: tl.constexpr, NORM: tl.constexpr,
+              INT4: tl.constexpr, BLOCK_R: tl.constexpr):
     """fp32 sums over k of W[rows, k] * x[k] (_input's x), given w0, W's first BLOCK_K columns of the rows."""
     acc = w0.to(tl.float32) * _input(X, NW, inv, 0, K, BLOCK_K, NORM)[None, :]
     for k0 in range(BLOCK_K, K, BLOCK_K):
-        w = _weights(W, rows, live, k0, K, BLOCK_K)
+        w = _weights(W, S, rows, live, k0, K, BLOCK_K, INT4, BLOCK_R)
         acc += w.to(tl.float32) * _input(X, NW, inv, k0, K, BLOCK_K, NORM)[None, :]
     return tl.sum(acc, 1)
 
 
 @triton.jit
-def _start(W, rows, live, K: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr):
+def _start(W, S, rows, live, K: tl.constexpr, BLOCK_K: tl.constexpr, INT4: tl.constexpr, BLOCK_R: tl.constexpr,
+           PDL: tl.constexpr):
     """The rows' first weights, loaded before waiting (PDL) for the kernel ahead, which never writes weights:
     their reading overlaps its end."""
-    w0 = _weights(W, rows, live, 0, K, BLOCK_K)
+    w0 = _weights(W, S, rows, live, 0, K, BLOCK_K, INT4, BLOCK_R)
     if PDL:
         tl.extra.cuda.gdc_wait()
         tl.extra.cuda.gdc_launch_dependents()
@@ -204,33 +226,33 @@ def _start(W, rows, live, K: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.conste
 
 
 @triton.jit
-def _output(X, NW, W, w0, Bias, rows, live, inv, K: tl.constexpr, BLOCK_K: tl.constexpr, NORM: tl.constexpr,
-            BIAS: tl.constexpr):
+def _output(X, NW, W, S, w0, Bias, rows, live, inv, K: tl.constexpr, BLOCK_K: tl.constexpr, NORM: tl.constexpr,
+            BIAS: tl.constexpr, INT4: tl.constexpr, BLOCK_R: tl.constexpr):
     """W[rows] @ x (+ bias) rounded to X's dtype, as F.linear of _input's x gives it, in fp32."""
-    y = _dot_rows(X, NW, W, w0, rows, live, inv, K, BLOCK_K, NORM)
+    y = _dot_rows(X, NW, W, S, w0, rows, live, inv, K, BLOCK_K, NORM, INT4, BLOCK_R)
     if BIAS:
         y += tl.load(Bias + rows, mask=live, other=0.0).to(tl.float32)
     return y.to(X.dtype.element_ty).to(tl.float32)
 
 
 @triton.jit
-def _linear(X, NW, W, Bias, R, Out, eps, stride_xm, stride_rm, N, K: tl.constexpr, BLOCK_R: tl.constexpr,
+def _linear(X, NW, W, S, Bias, R, Out, eps, stride_xm, stride_rm, N, K: tl.constexpr, BLOCK_R: tl.constexpr,
             BLOCK_K: tl.constexpr, NORM: tl.constexpr, BIAS: tl.constexpr, ADD: tl.constexpr, SILU: tl.constexpr,
-            PDL: tl.constexpr):
+            INT4: tl.constexpr, PDL: tl.constexpr):
     """Out[m, rows] for row m of X: W @ x, x = rms_norm(X[m]) where NORM, plus Bias, then with SILU
     silu(gate) * up of W's two halves (gate rows, then up rows N further), with ADD plus R[m]."""
     m = tl.program_id(1).to(tl.int64)
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     live = rows < N
-    w0 = _start(W, rows, live, K, BLOCK_K, PDL)
+    w0 = _start(W, S, rows, live, K, BLOCK_K, INT4, BLOCK_R, PDL)
     X += m * stride_xm
     inv = 1.0
     if NORM:
         inv = _inv_rms(X, eps, K, BLOCK_K)
-    y = _output(X, NW, W, w0, Bias, rows, live, inv, K, BLOCK_K, NORM, BIAS)
+    y = _output(X, NW, W, S, w0, Bias, rows, live, inv, K, BLOCK_K, NORM, BIAS, INT4, BLOCK_R)
     if SILU:
-        up = _output(X, NW, W, _weights(W, rows + N, live, 0, K, BLOCK_K), Bias, rows + N, live, inv, K, BLOCK_K,
-                     NORM, BIAS)
+        up = _output(X, NW, W, S, _weights(W, S, rows + N, live, 0, K, BLOCK_K, INT4, BLOCK_R), Bias, rows + N, live,
+                     inv, K, BLOCK_K, NORM, BIAS, INT4, BLOCK_R)
         y = y * tl.sigmoid(y) * up
     if ADD:
         y = y.to(Out.dtype.element_ty).to(tl.float32) + tl.load(R + m * stride_rm + rows, mask=live).to(tl.float32)
@@ -238,10 +260,11 @@ def _linear(X, NW, W, Bias, R, Out, eps, stride_xm, stride_rm, N, K: tl.constexp
 
 
 @triton.jit
-def _norm_rope_write(X, NW, W, Bias, Cos, Sin, Pos, K, V, Q, eps, stride_xm, L, stride_pb, stride_pl, stride_cos,
-                     stride_sin, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
+def _norm_rope_write(X, NW, W, S, Bias, Cos, Sin, Pos, K, V, Q, eps, stride_xm, L, stride_pb, stride_pl,
+                     stride_cos, stride_sin, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
                      HIDDEN: tl.constexpr, HQ: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr,
-                     BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, BIAS: tl.constexpr, PDL: tl.constexpr):
+                     BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, BIAS: tl.constexpr, INT4: tl.constexpr,
+                     PDL: tl.constexpr):
     """For token m = b * L + l: the rows r and r + D/2 of one q, k or v head of W @ rms_norm(X[m]) (+ Bias), for
     BLOCK_R values of r; q and k turned by RoPE at the token's position, q stored to Q [B, L, HQ, D], k and v
     to the caches there."""
@@ -251,12 +274,12 @@ def _norm_rope_write(X, NW, W, Bias, Cos, Sin, Pos, K, V, Q, eps, stride_xm, L, 
     half = (tl.program_id(0) % per_head) * BLOCK_R + tl.arange(0, BLOCK_R)
     rows = head * D + half
     live = half < D // 2
-    w0 = _start(W, rows, live, HIDDEN, BLOCK_K, PDL)
+    w0 = _start(W, S, rows, live, HIDDEN, BLOCK_K, INT4, BLOCK_R, PDL)
     X += m * stride_xm
     inv = _inv_rms(X, eps, HIDDEN, BLOCK_K)
-    x1 = _output(X, NW, W, w0, Bias, rows, live, inv, HIDDEN, BLOCK_K, True, BIAS)
-    x2 = _output(X, NW, W, _weights(W, rows + D // 2, live, 0, HIDDEN, BLOCK_K), Bias, rows + D // 2, live, inv,
-                 HIDDEN, BLOCK_K, True, BIAS)
+    x1 = _output(X, NW, W, S, w0, Bias, rows, live, inv, HIDDEN, BLOCK_K, True, BIAS, INT4, BLOCK_R)
+    x2 = _output(X, NW, W, S, _weights(W, S, rows + D // 2, live, 0, HIDDEN, BLOCK_K, INT4, BLOCK_R), Bias,
+                 rows + D // 2, live, inv, HIDDEN, BLOCK_K, True, BIAS, INT4, BLOCK_R)
     b = m // L
     pos = tl.load(Pos + b * stride_pb + (m % L) * stride_pl).to(tl.int64)
     _store_head(x1, x2, head, m, b, pos, half, Cos, Sin, K, V, Q, stride_cos,
@@ -275,17 +298,18 @@ def gemv_blocks(rows: int, K: int) -> tuple[int, int]:
 
 
 @cache
-def _linear_meta(N: int, K: int, norm: bool, bias: bool, add: bool, silu: bool, pdl: bool) -> dict:
+def _linear_meta(N: int, K: int, norm: bool, bias: bool, add: bool, silu: bool, int4: bool, pdl: bool) -> dict:
     block_r, block_k = gemv_blocks(N, K)
-    return dict(K=K, BLOCK_R=block_r, BLOCK_K=block_k, NORM=norm, BIAS=bias, ADD=add, SILU=silu, PDL=pdl,
+    return dict(K=K, BLOCK_R=block_r, BLOCK_K=block_k, NORM=norm, BIAS=bias, ADD=add, SILU=silu, INT4=int4, PDL=pdl,
                 launch_pdl=pdl, num_warps=4)
 
 
 @cache
-def _rope_linear_meta(hidden: int, n_heads: int, n_kv_heads: int, D: int, bias: bool, pdl: bool) -> dict:
+def _rope_linear_meta(hidden: int, n_heads: int, n_kv_heads: int, D: int, bias: bool, int4: bool, pdl: bool
+                      ) -> dict:
     block_r, block_k = gemv_blocks((n_heads + 2 * n_kv_heads) * D // 2, hidden)
     return dict(HIDDEN=hidden, HQ=n_heads, HKV=n_kv_heads, D=D, BLOCK_R=min(block_r, D // 2), BLOCK_K=block_k,
-                BIAS=bias, PDL=pdl, launch_pdl=pdl, num_warps=4)
+                BIAS=bias, INT4=int4, PDL=pdl, launch_pdl=pdl, num_warps=4)
 
 
 _launch_linear = Launcher(_linear)
@@ -298,47 +322,58 @@ def _rows(x):
     return rows if rows.stride(-1) == 1 else rows.contiguous()
 
 
-def _gemv(x, weight, bias, N: int, norm=None, residual=None, silu=False):
-    """_linear over the rows of x [..., K] -> [..., N] (silu: weight holds 2 * N rows)."""
+def _weight_args(linear) -> tuple[torch.Tensor, torch.Tensor, bool]:
+    """(W, S, INT4) of the projection kernels: a float layer's weight, or an Int4Linear's codes and scales."""
+    if isinstance(linear, Int4Linear):
+        return linear.packed, linear.scales_and_zeros, True
+    weight = linear.weight.contiguous()
+    return weight, weight, False
+
+
+def _gemv(x, linear, N: int, norm=None, residual=None, silu=False):
+    """_linear over the rows of x [..., K] -> [..., N] (silu: the layer has 2 * N outputs)."""
     K = x.shape[-1]
     rows = _rows(x)
     out = torch.empty((*x.shape[:-1], N), dtype=x.dtype, device=x.device)
+    weight, scales, int4 = _weight_args(linear)
+    bias = linear.bias
     nw, eps = norm if norm is not None else (weight, 0.0)
     res = residual.reshape(-1, N) if residual is not None else out
-    meta = _linear_meta(N, K, norm is not None, bias is not None, residual is not None, silu,
+    meta = _linear_meta(N, K, norm is not None, bias is not None, residual is not None, silu, int4,
                         use_pdl(x.device))
     block = meta["BLOCK_R"]
     _launch(_launch_linear, (triton.cdiv(N, block), rows.shape[0], 1),
-            (rows, nw, weight.contiguous(), weight if bias is None else bias, res, out),
+            (rows, nw, weight, scales, weight if bias is None else bias, res, out),
             (float(eps), rows.stride(0), res.stride(0), N), meta)
     return out
 
 
 def _gemv_fits(x, linear) -> bool:
-    """Whether a projection runs as one _linear kernel: up to GEMV_ROWS rows through a float nn.Linear (a
-    quantized layer runs its own kernel)."""
-    return x.numel() // x.shape[-1] <= GEMV_ROWS and isinstance(linear, nn.Linear)
+    """Whether a projection runs as one _linear kernel: up to GEMV_ROWS rows through a float nn.Linear or an
+    Int4Linear of the portable layout (other quantized layers run their own kernels)."""
+    layer = isinstance(linear, nn.Linear) or isinstance(linear, Int4Linear) and linear.portable
+    return layer and x.numel() // x.shape[-1] <= GEMV_ROWS
 
 
 def norm_linear(x, norm_weight, eps, linear):
     """The contract of fachat.kernels.reference.norm_linear; one launch for up to GEMV_ROWS rows."""
     if not _gemv_fits(x, linear):
         return linear(rms_norm(x, norm_weight, eps))
-    return _gemv(x, linear.weight, linear.bias, linear.out_features, norm=(norm_weight, eps))
+    return _gemv(x, linear, linear.out_features, norm=(norm_weight, eps))
 
 
 def norm_silu_mul(x, norm_weight, eps, linear):
     """The contract of fachat.kernels.reference.norm_silu_mul; one launch for up to GEMV_ROWS rows."""
     if not _gemv_fits(x, linear):
         return silu_mul(linear(rms_norm(x, norm_weight, eps)))
-    return _gemv(x, linear.weight, linear.bias, linear.out_features // 2, norm=(norm_weight, eps), silu=True)
+    return _gemv(x, linear, linear.out_features // 2, norm=(norm_weight, eps), silu=True)
 
 
 def linear_add(x, linear, residual):
     """The contract of fachat.kernels.reference.linear_add; one launch for up to GEMV_ROWS rows."""
     if not _gemv_fits(x, linear):
         return residual + linear(x)
-    return _gemv(x, linear.weight, linear.bias, linear.out_features, residual=residual)
+    return _gemv(x, linear, linear.out_features, residual=residual)
 
 
 def norm_rope_write(x, norm_weight, eps, linear, cos, sin, positions, k_cache, v_cache, n_heads: int,
@@ -351,12 +386,13 @@ def norm_rope_write(x, norm_weight, eps, linear, cos, sin, positions, k_cache, v
     B, L, hidden = x.shape
     D = cos.shape[-1]
     rows = _rows(x)
-    weight, bias = linear.weight, linear.bias
+    weight, scales, int4 = _weight_args(linear)
+    bias = linear.bias
     q = torch.empty((B, L, n_heads, D), dtype=x.dtype, device=x.device)
-    meta = _rope_linear_meta(hidden, n_heads, n_kv_heads, D, bias is not None, use_pdl(x.device))
+    meta = _rope_linear_meta(hidden, n_heads, n_kv_heads, D, bias is not None, int4, use_pdl(x.device))
     programs = (n_heads + 2 * n_kv_heads) * (D // 2 // meta["BLOCK_R"])
     _launch(_launch_rope_linear, (programs, B * L, 1),
-            (rows, norm_weight, weight.contiguous(), weight if bias is None else bias, cos, sin, positions, k_cache,
+            (rows, norm_weight, weight, scales, weight if bias is None else bias, cos, sin, positions, k_cache,
              v_cache, q),
             (float(eps), rows.stride(0), L, *positions.stride(), cos.stride(0), sin.stride(0), *k_cache.stride()[:3],
              *v_cache.stride()[:3]), meta)
