@@ -164,21 +164,24 @@ def test_quantize_argument_is_checked(tiny_models):
 
 
 def test_a_session_resumes_only_on_the_weights_it_was_saved_with(tiny_models, tmp_path, gen, seed):
-    """Exact resume on a quantized engine (two halves equal one go); another quantization is refused with
-    the argument that loads the right one named, and the session is left unopened."""
+    """Exact resume on a quantized engine (two halves equal one go), past a doubling of the cache (256 -> 512
+    positions), cut before or after it; another quantization is refused with the argument that loads the right
+    one named, and the session is left unopened."""
     path = tiny_models("llama")[0]
     int4 = Engine.load(path, device="cpu", dtype="float32", quantize="int4")
     int4.tokenizer.eos_token_ids = []
-    whole = int4.session(max_new_tokens=16, temperature=0.9, seed=seed)
+    n = 300
+    whole = int4.session(max_new_tokens=n, temperature=0.9, seed=seed)
     whole.append("Once upon a time")
     whole.generate()
-    part = int4.session(max_new_tokens=16, temperature=0.9, seed=seed)
+    assert whole.cache.capacity == 512, whole.cache.capacity
+    part = int4.session(max_new_tokens=n, temperature=0.9, seed=seed)
     part.append("Once upon a time")
-    k = int(torch.randint(1, 15, (1,), generator=gen))
+    k = int(torch.randint(1, n, (1,), generator=gen))
     part.generate(max_new_tokens=k)
     part.save(tmp_path / "s.safetensors")
     resumed = int4.load_session(tmp_path / "s.safetensors")
-    resumed.generate(max_new_tokens=16 - k)
+    resumed.generate(max_new_tokens=n - k)
     assert resumed.tokens == whole.tokens, f"k={k} seed={seed}"
     for other, named in (("none", "'int4'"), ("int8", "'int4'")):
         engine = Engine.load(path, device="cpu", dtype="float32", quantize=other)
