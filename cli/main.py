@@ -115,9 +115,9 @@ def stats_line(gen) -> str:
 
 
 def weights_line(engine) -> str:
-    how = {None: "unquantized", "gguf": "quantized as in the GGUF file"}.get(engine.quantize,
-                                                                          f"quantized to {engine.quantize}")
-    return f"{engine.weight_bytes / (1 << 20):.1f} MiB resident, {how}"
+    from fachat.models.loaders import quantize_described  # imported where used, as main() imports the engine
+
+    return f"{engine.weight_bytes / (1 << 20):.1f} MiB resident, {quantize_described(engine.quantize)}"
 
 
 def print_stats(session) -> None:

@@ -14,7 +14,7 @@ from fachat.engine.persistence import model_fingerprint
 from fachat.engine.session import Session
 from fachat.errors import ContextLengthError, CorruptModelError
 from fachat.kernels.dispatch import BACKENDS, choose_backend
-from fachat.models.loaders import QUANTIZE, LoadedModel, load_model
+from fachat.models.loaders import LoadedModel, load_model
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
           "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
@@ -107,8 +107,6 @@ class Engine:
         if max_seq_len is not None and (isinstance(max_seq_len, bool) or not isinstance(max_seq_len, int)
                                         or max_seq_len < 2):
             raise ValueError(f"max_seq_len must be an int >= 2, got {max_seq_len!r}")
-        if quantize is not None and quantize not in QUANTIZE:
-            raise ValueError(f"quantize must be one of {', '.join(QUANTIZE)} or None, got {quantize!r}")
         dev = resolve_device(device)
         dt = resolve_dtype(dtype, dev)
         return cls(load_model(model, dev, dt, quantize), dev, dt, max_seq_len)

@@ -44,6 +44,7 @@ from safetensors import SafetensorError, safe_open
 from fachat.engine.sampling import SamplingParams
 from fachat.engine.state import EngineLike, Snapshot, Turn, common_prefix
 from fachat.errors import CheckpointError
+from fachat.models.loaders import quantize_described
 
 FORMAT = "fa-chat session"
 VERSION = 2
@@ -123,10 +124,6 @@ def load_snapshot(engine: EngineLike, path: str | os.PathLike, convert_dtype: bo
                     tuple(t.to(dtype=engine.dtype) for t in ckpt.values), None)
 
 
-def _weights_in(quantize: str | None) -> str:
-    return {None: "in float", "gguf": "quantized as the GGUF file has them"}.get(quantize, f"quantized to {quantize}")
-
-
 def _split_system(messages: list[dict]) -> tuple[str | None, list[dict]]:
     """(the system prompt or None, the conversation after it)."""
     system = messages[0]["content"] if messages and messages[0]["role"] == "system" else None
@@ -153,8 +150,8 @@ def _check_compatible(engine: EngineLike, info: CheckpointInfo, convert_dtype: b
         bad(f"it was saved with another model ({saved.get('architecture')} from {saved.get('source')}); "
             f"this engine runs {ours['architecture']} from {ours['source']}")
     if saved.get("quantize") != ours["quantize"]:  # other weight values: its K/V are not this engine's
-        bad(f"it was saved with the model's weights {_weights_in(saved.get('quantize'))}, but this engine runs "
-            f"them {_weights_in(ours['quantize'])}; load the model with quantize={info.model_quantize!r} "
+        bad(f"it was saved with the model's weights {quantize_described(saved.get('quantize'))}, but this engine "
+            f"runs them {quantize_described(ours['quantize'])}; load the model with quantize={info.model_quantize!r} "
             "(fa-chat: --quantize) to resume it")
     if meta["dtype"] != dtype_name(engine.dtype) and not convert_dtype:
         bad(f"its K/V are {meta['dtype']} but the engine runs {dtype_name(engine.dtype)}; "

@@ -73,6 +73,11 @@ class WeightsHash:
 QUANTIZE = ("auto", "none", "int4", "int8")
 
 
+def quantize_described(quantize: str | None) -> str:
+    """How a load's weights are stored (LoadedModel.quantize), in words for messages."""
+    return {None: "unquantized", "gguf": "quantized as in the GGUF file"}.get(quantize, f"quantized to {quantize}")
+
+
 def load_model(source: str | os.PathLike | None, device: torch.device, dtype: torch.dtype,
                quantize: str | None = "auto") -> LoadedModel:
     """Loads config, tokenizer and weights; raises a ModelLoadError subclass naming the problem.
