@@ -12,9 +12,6 @@ import math
 import torch
 import torch.nn.functional as F
 
-# Partitions of the KV range in the split-KV decode (NWG); mirrors what a GPU kernel launches.
-DEFAULT_PARTITION = 256
-
 # Prompt tokens a forward takes at once: SDPA's mask (and, without a fused kernel, its scores) grow with
 # chunk x context.
 PREFILL_CHUNK = 512
