@@ -112,20 +112,20 @@ def _iter_tensors(gguf, header: "_Header", heads: dict, on_read, quantize) -> It
     for t in header.tensors:
         # Read, not memory-mapped: a mapping's pages would stay resident (in RSS) until the last tensor is read.
         raw = np.fromfile(header.path, dtype=np.uint8, count=t.nbytes, offset=t.offset)
+        type_name = _type_name(gguf, t.ggml_type)
         if on_read is not None:
-            on_read(t.name, t.shape, _type_name(gguf, t.ggml_type), raw)
+            on_read(t.name, t.shape, type_name, raw)
         name = _hf_name(t.name, header.path)
         if name is None:
             continue
-        type_name = _type_name(gguf, t.ggml_type)
-        if len(t.shape) == 2 and quantize in ("int4", "gguf") and type_name in _INT4_TYPES:
+        kept = _kept_as(type_name, quantize) if len(t.shape) == 2 else None
+        if kept == "int4":
             tensor = _int4_codes(gguf, raw, t)
-        elif len(t.shape) == 2 and quantize == "gguf" and type_name not in _FLOAT_TYPES:
+        elif kept == "int8":
             tensor = _requantized_int8(gguf, raw, t, header.path)
         else:
             tensor = _dequantize(gguf, raw, t, header.path)
-        heads_key = {".self_attn.q_proj.": "num_attention_heads", ".self_attn.k_proj.": "num_key_value_heads"}
-        for part, key in heads_key.items():
+        for part, key in _PERMUTED_HEADS.items():
             if permuted and part in name:
                 unpermute = functools.partial(_unpermute, n_head=heads[key], name=t.name, path=header.path)
                 tensor = unpermute(tensor) if isinstance(tensor, torch.Tensor) else tensor.map_rows(unpermute)
@@ -137,15 +137,28 @@ _CHUNK_ROWS = 4096
 _FLOAT_TYPES = ("F32", "F16", "BF16")
 
 
+# q/k projections, whose rows llama.cpp permutes -> the config field with their head count
+_PERMUTED_HEADS = {".self_attn.q_proj.": "num_attention_heads", ".self_attn.k_proj.": "num_key_value_heads"}
+
+
+def _kept_as(type_name: str, quantize: str | None) -> str | None:
+    """How iter_gguf_tensors yields a matrix of a GGUF type: "int4" codes, requantized "int8" codes, or None
+    (float values)."""
+    if quantize in ("int4", "gguf") and type_name in _INT4_TYPES:
+        return "int4"
+    return "int8" if quantize == "gguf" and type_name not in _FLOAT_TYPES else None
+
+
 def quantized_as(type_name: str, quantize: str | None) -> str:
     """What a matrix of a GGUF type becomes when loaded with `quantize` (a linear layer's; an embedding table
     becomes int8 whenever the load quantizes), in words for --verbose."""
-    if quantize in ("int4", "gguf") and type_name in _INT4_TYPES:
+    kept = _kept_as(type_name, quantize)
+    if kept == "int4":
         return "int4, the file's blocks (group 32)"
+    if kept == "int8" or quantize == "int8":
+        return "int8 per output channel, requantized"
     if quantize == "int4":
         return "int4 (group 32), requantized"
-    if quantize == "int8" or (quantize == "gguf" and type_name not in _FLOAT_TYPES):
-        return "int8 per output channel, requantized"
     return "float, dequantized" if type_name not in _FLOAT_TYPES else "float"
 
 
