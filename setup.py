@@ -17,4 +17,5 @@ def packages() -> list[str]:
     return sorted(found)
 
 
-setup(package_dir=ROOTS, packages=packages())
+# The Metal backend's kernel sources, and the header that builds them for the CPU in tests and emulation.
+setup(package_dir=ROOTS, packages=packages(), package_data={"fachat.kernels.metal": ["*.metal", "*.h"]})

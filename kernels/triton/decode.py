@@ -17,7 +17,6 @@ Scores are kept in base 2 (scaled by log2(e)) so that the softmax uses exp2.
 """
 from __future__ import annotations
 
-import math
 import threading
 from dataclasses import dataclass
 from functools import cache, reduce
@@ -30,7 +29,7 @@ from triton import knobs
 from triton.runtime import driver
 from triton.runtime.interpreter import InterpretedFunction
 
-LOG2E = 1.4426950408889634
+from fachat.kernels.common import score_scales
 
 
 @dataclass(frozen=True)
@@ -168,15 +167,6 @@ def output_for(q: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
     if not out.is_contiguous() or out.shape != q.shape or out.dtype != q.dtype:
         raise ValueError(f"out must be a contiguous {tuple(q.shape)} tensor of {q.dtype}")
     return out
-
-
-def score_scales(scale: float | None, softcap: float | None, head_dim: int) -> tuple[float, float]:
-    """(qk_scale, softcap_log2e) for the kernels, in base 2: q.k times qk_scale is the score (with a
-    softcap, tanh's argument, whose value times softcap_log2e is the score)."""
-    scale = 1.0 / math.sqrt(head_dim) if scale is None else scale
-    if softcap is None:
-        return scale * LOG2E, 0.0
-    return scale / softcap, softcap * LOG2E
 
 
 def dot_args(dtype: torch.dtype) -> dict:

@@ -188,7 +188,7 @@ def _smem_layout(rows: int, head_dim: int, dtype: torch.dtype):
 
 def prefill_attention(q, k_cache, v_cache, kv_len: int, *, qk_scale: float, window: int | None, out: torch.Tensor):
     """q [B, Hq, Lq, D] holding the last Lq of kv_len positions -> out, contiguous [B, Hq, Lq, D]; for
-    calls `supports` takes. qk_scale is in base 2 (decode.score_scales)."""
+    calls `supports` takes. qk_scale is in base 2 (common.score_scales)."""
     B, Hq, Lq, D = q.shape
     Hkv = k_cache.shape[1]
     q_desc = TensorDescriptor(q, list(q.shape), list(q.stride()), [1, 1, BLOCK_M, D], _smem_layout(BLOCK_M, D, q.dtype))
