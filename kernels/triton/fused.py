@@ -164,36 +164,43 @@ def _inv_rms(X, eps, K: tl.constexpr, BLOCK_K: tl.constexpr):
 
 
 @triton.jit
-def _weights(W, S, rows, live, k0, K: tl.constexpr, BLOCK_K: tl.constexpr, INT4: tl.constexpr,
-             BLOCK_R: tl.constexpr):
-    """W[rows, k0:k0 + BLOCK_K]. INT4: W [N, K / 2] holds int4 codes two a byte (the even column's in the low
-    nibble), S [N, K / 32, 2] each group's scale and zero; the weights are (q - 8) * scale + zero, in fp32."""
+def _weights(W, rows, live, k0, K: tl.constexpr, BLOCK_K: tl.constexpr):
+    """W[rows, k0:k0 + BLOCK_K] of a float W [N, K]."""
     cols = k0 + tl.arange(0, BLOCK_K)
-    mask = live[:, None] & (cols < K)[None, :]
+    return tl.load(W + rows[:, None].to(tl.int64) * K + cols[None, :], mask=live[:, None] & (cols < K)[None, :],
+                   other=0.0)
+
+
+@triton.jit
+def _codes(W, S, rows, live, k0, K: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Columns k0:k0 + BLOCK_K of int4 rows as (words, scale, zero), each [BLOCK_R, BLOCK_K / 8]: W [N, K / 8]
+    holds int32 words of 8 codes (column 8j + i in bits 4i to 4i + 3 of word j), S [N, K / 32] each group's
+    bf16 scale (low half) and zero (high half); the weights are (q - 8) * scale + zero. Whole words and one
+    scale load a word: unpacking is then a shift and a mask a code."""
+    words = k0 // 8 + tl.arange(0, BLOCK_K // 8)
     r = rows[:, None].to(tl.int64)
-    if INT4:  # a compile-time branch: one return, whose type differs between the two kernels
-        # each byte once, split into its two codes and interleaved back; each group's scale and zero once
-        pairs = k0 // 2 + tl.arange(0, BLOCK_K // 2)
-        byte = tl.load(W + r * (K // 2) + pairs[None, :], mask=live[:, None] & (pairs < K // 2)[None, :],
-                       other=0).to(tl.int32)
-        q = tl.reshape(tl.join(byte & 15, byte >> 4), (BLOCK_R, BLOCK_K)).to(tl.float32) - 8
-        groups = k0 // 32 + tl.arange(0, BLOCK_K // 32)
-        at = S + (r * (K // 32) + groups[None, :]) * 2
-        in_groups = live[:, None] & (groups < K // 32)[None, :]
-        scale = tl.load(at, mask=in_groups, other=0.0).to(tl.float32)
-        zero = tl.load(at + 1, mask=in_groups, other=0.0).to(tl.float32)
-        w = tl.reshape(tl.reshape(q, (BLOCK_R, BLOCK_K // 32, 32)) * scale[:, :, None] + zero[:, :, None],
-                       (BLOCK_R, BLOCK_K))
+    mask = live[:, None] & (words < K // 8)[None, :]
+    q = tl.load(W + r * (K // 8) + words[None, :], mask=mask, other=0)
+    sz = tl.load(S + r * (K // 32) + (words // 4)[None, :], mask=mask, other=0)
+    scale = (sz << 16).to(tl.float32, bitcast=True)  # a bf16's bits are a float32's high half
+    zero = (sz & -65536).to(tl.float32, bitcast=True)
+    return q, scale, zero
+
+
+@triton.jit
+def _first(W, S, rows, live, K: tl.constexpr, BLOCK_K: tl.constexpr, INT4: tl.constexpr):
+    """The rows' first BLOCK_K columns of weights: a float tile, or int4 (words, scale, zero)."""
+    if INT4:
+        w = _codes(W, S, rows, live, 0, K, BLOCK_K)
     else:
-        w = tl.load(W + r * K + cols[None, :], mask=mask, other=0.0)
+        w = _weights(W, rows, live, 0, K, BLOCK_K)
     return w
 
 
 @triton.jit
-def _input(X, NW, inv, k0, K: tl.constexpr, BLOCK_K: tl.constexpr, NORM: tl.constexpr):
-    """X[k0:k0 + BLOCK_K] in fp32, normalised by inv and weighted by NW where NORM, rounded as
+def _input(X, NW, inv, cols, K: tl.constexpr, NORM: tl.constexpr):
+    """X[cols] in fp32, normalised by inv and weighted by NW where NORM, rounded as
     fachat.kernels.reference.rms_norm rounds."""
-    cols = k0 + tl.arange(0, BLOCK_K)
     in_k = cols < K
     x = tl.load(X + cols, mask=in_k, other=0.0)
     if NORM:
@@ -203,22 +210,44 @@ def _input(X, NW, inv, k0, K: tl.constexpr, BLOCK_K: tl.constexpr, NORM: tl.cons
 
 
 @triton.jit
+def _dot_codes(X, NW, inv, codes, k0, K: tl.constexpr, BLOCK_K: tl.constexpr, NORM: tl.constexpr):
+    """Per word of _codes' (words, scale, zero): the sum over its 8 columns of weight times x, as
+    scale * sum((q - 8) x) + zero * sum(x), [BLOCK_R, BLOCK_K / 8] in fp32."""
+    q, scale, zero = codes
+    cols = k0 + 8 * tl.arange(0, BLOCK_K // 8)
+    qx = tl.zeros(q.shape, dtype=tl.float32)
+    xs = tl.zeros(cols.shape, dtype=tl.float32)
+    for i in tl.static_range(8):
+        x = _input(X, NW, inv, cols + i, K, NORM)
+        # A code or-ed into the mantissa of 2**23 (bits 0x4B000000) is the float 2**23 + code: exact, and cheaper
+        # than an int-to-float conversion, which runs at a fraction of the FMA rate.
+        code = (((q >> 4 * i) & 15) | 0x4B000000).to(tl.float32, bitcast=True) - 8388616.0  # q - 8
+        qx += code * x[None, :]
+        xs += x
+    return scale * qx + zero * xs[None, :]
+
+
+@triton.jit
 def _dot_rows(X, NW, W, S, w0, rows, live, inv, K: tl.constexpr, BLOCK_K: tl.constexpr, NORM: tl.constexpr,
-              INT4: tl.constexpr, BLOCK_R: tl.constexpr):
-    """fp32 sums over k of W[rows, k] * x[k] (_input's x), given w0, W's first BLOCK_K columns of the rows."""
-    acc = w0.to(tl.float32) * _input(X, NW, inv, 0, K, BLOCK_K, NORM)[None, :]
-    for k0 in range(BLOCK_K, K, BLOCK_K):
-        w = _weights(W, S, rows, live, k0, K, BLOCK_K, INT4, BLOCK_R)
-        acc += w.to(tl.float32) * _input(X, NW, inv, k0, K, BLOCK_K, NORM)[None, :]
+              INT4: tl.constexpr):
+    """fp32 sums over k of W[rows, k] * x[k] (_input's x), given w0, _first's weights of the rows."""
+    if INT4:
+        acc = _dot_codes(X, NW, inv, w0, 0, K, BLOCK_K, NORM)
+        for k0 in range(BLOCK_K, K, BLOCK_K):
+            acc += _dot_codes(X, NW, inv, _codes(W, S, rows, live, k0, K, BLOCK_K), k0, K, BLOCK_K, NORM)
+    else:
+        acc = w0.to(tl.float32) * _input(X, NW, inv, tl.arange(0, BLOCK_K), K, NORM)[None, :]
+        for k0 in range(BLOCK_K, K, BLOCK_K):
+            w = _weights(W, rows, live, k0, K, BLOCK_K)
+            acc += w.to(tl.float32) * _input(X, NW, inv, k0 + tl.arange(0, BLOCK_K), K, NORM)[None, :]
     return tl.sum(acc, 1)
 
 
 @triton.jit
-def _start(W, S, rows, live, K: tl.constexpr, BLOCK_K: tl.constexpr, INT4: tl.constexpr, BLOCK_R: tl.constexpr,
-           PDL: tl.constexpr):
+def _start(W, S, rows, live, K: tl.constexpr, BLOCK_K: tl.constexpr, INT4: tl.constexpr, PDL: tl.constexpr):
     """The rows' first weights, loaded before waiting (PDL) for the kernel ahead, which never writes weights:
     their reading overlaps its end."""
-    w0 = _weights(W, S, rows, live, 0, K, BLOCK_K, INT4, BLOCK_R)
+    w0 = _first(W, S, rows, live, K, BLOCK_K, INT4)
     if PDL:
         tl.extra.cuda.gdc_wait()
         tl.extra.cuda.gdc_launch_dependents()
@@ -227,9 +256,9 @@ def _start(W, S, rows, live, K: tl.constexpr, BLOCK_K: tl.constexpr, INT4: tl.co
 
 @triton.jit
 def _output(X, NW, W, S, w0, Bias, rows, live, inv, K: tl.constexpr, BLOCK_K: tl.constexpr, NORM: tl.constexpr,
-            BIAS: tl.constexpr, INT4: tl.constexpr, BLOCK_R: tl.constexpr):
+            BIAS: tl.constexpr, INT4: tl.constexpr):
     """W[rows] @ x (+ bias) rounded to X's dtype, as F.linear of _input's x gives it, in fp32."""
-    y = _dot_rows(X, NW, W, S, w0, rows, live, inv, K, BLOCK_K, NORM, INT4, BLOCK_R)
+    y = _dot_rows(X, NW, W, S, w0, rows, live, inv, K, BLOCK_K, NORM, INT4)
     if BIAS:
         y += tl.load(Bias + rows, mask=live, other=0.0).to(tl.float32)
     return y.to(X.dtype.element_ty).to(tl.float32)
@@ -244,15 +273,15 @@ def _linear(X, NW, W, S, Bias, R, Out, eps, stride_xm, stride_rm, N, K: tl.const
     m = tl.program_id(1).to(tl.int64)
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     live = rows < N
-    w0 = _start(W, S, rows, live, K, BLOCK_K, INT4, BLOCK_R, PDL)
+    w0 = _start(W, S, rows, live, K, BLOCK_K, INT4, PDL)
     X += m * stride_xm
     inv = 1.0
     if NORM:
         inv = _inv_rms(X, eps, K, BLOCK_K)
-    y = _output(X, NW, W, S, w0, Bias, rows, live, inv, K, BLOCK_K, NORM, BIAS, INT4, BLOCK_R)
+    y = _output(X, NW, W, S, w0, Bias, rows, live, inv, K, BLOCK_K, NORM, BIAS, INT4)
     if SILU:
-        up = _output(X, NW, W, S, _weights(W, S, rows + N, live, 0, K, BLOCK_K, INT4, BLOCK_R), Bias, rows + N, live,
-                     inv, K, BLOCK_K, NORM, BIAS, INT4, BLOCK_R)
+        up = _output(X, NW, W, S, _first(W, S, rows + N, live, K, BLOCK_K, INT4), Bias, rows + N, live, inv, K,
+                     BLOCK_K, NORM, BIAS, INT4)
         y = y * tl.sigmoid(y) * up
     if ADD:
         y = y.to(Out.dtype.element_ty).to(tl.float32) + tl.load(R + m * stride_rm + rows, mask=live).to(tl.float32)
@@ -274,32 +303,37 @@ def _norm_rope_write(X, NW, W, S, Bias, Cos, Sin, Pos, K, V, Q, eps, stride_xm, 
     half = (tl.program_id(0) % per_head) * BLOCK_R + tl.arange(0, BLOCK_R)
     rows = head * D + half
     live = half < D // 2
-    w0 = _start(W, S, rows, live, HIDDEN, BLOCK_K, INT4, BLOCK_R, PDL)
+    w0 = _start(W, S, rows, live, HIDDEN, BLOCK_K, INT4, PDL)
     X += m * stride_xm
     inv = _inv_rms(X, eps, HIDDEN, BLOCK_K)
-    x1 = _output(X, NW, W, S, w0, Bias, rows, live, inv, HIDDEN, BLOCK_K, True, BIAS, INT4, BLOCK_R)
-    x2 = _output(X, NW, W, S, _weights(W, S, rows + D // 2, live, 0, HIDDEN, BLOCK_K, INT4, BLOCK_R), Bias,
-                 rows + D // 2, live, inv, HIDDEN, BLOCK_K, True, BIAS, INT4, BLOCK_R)
+    x1 = _output(X, NW, W, S, w0, Bias, rows, live, inv, HIDDEN, BLOCK_K, True, BIAS, INT4)
+    x2 = _output(X, NW, W, S, _first(W, S, rows + D // 2, live, HIDDEN, BLOCK_K, INT4), Bias, rows + D // 2, live,
+                 inv, HIDDEN, BLOCK_K, True, BIAS, INT4)
     b = m // L
     pos = tl.load(Pos + b * stride_pb + (m % L) * stride_pl).to(tl.int64)
     _store_head(x1, x2, head, m, b, pos, half, Cos, Sin, K, V, Q, stride_cos,
                 stride_sin, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn, HQ, HKV, D)
 
 
-def gemv_blocks(rows: int, K: int) -> tuple[int, int]:
+def gemv_blocks(rows: int, K: int, int4: bool) -> tuple[int, int]:
     """(BLOCK_R, BLOCK_K): output rows a program takes and the reduction's step. From benchmarks/projections.py
     --sweep on an H200 (bf16, SmolLM2-135M and Llama-3.2-1B shapes): many programs of two rows won, with up to
     8K weights a step (all of a row's at hidden sizes to 4096, loaded before the wait for the kernel ahead);
-    a vocabulary's or a wide MLP's rows went best four a program, 4K weights a step."""
+    a vocabulary's or a wide MLP's rows went best four a program, 4K weights a step. Int4 weights (--weights int4,
+    and whole decode steps, which ranked the choices differently at SmolLM2's hidden size of 576): up to 8 rows a
+    program and 4K codes a step."""
     if INTERPRET:  # it runs the programs one at a time: the fewest
         return 64, triton.next_power_of_2(K)
+    if int4:  # a program's unpacking and x are shared by its rows: more rows than bf16 takes
+        block_r = 8 if rows > 4096 or rows > 1024 and K >= 2048 else 4 if rows > 1024 else 2
+        return block_r, min(triton.next_power_of_2(K), 4096)
     block_r = 2 if rows <= 4096 else 4
     return block_r, min(triton.next_power_of_2(K), (8192 if rows <= 4096 else 4096) // block_r)
 
 
 @cache
 def _linear_meta(N: int, K: int, norm: bool, bias: bool, add: bool, silu: bool, int4: bool, pdl: bool) -> dict:
-    block_r, block_k = gemv_blocks(N, K)
+    block_r, block_k = gemv_blocks(N, K, int4)
     return dict(K=K, BLOCK_R=block_r, BLOCK_K=block_k, NORM=norm, BIAS=bias, ADD=add, SILU=silu, INT4=int4, PDL=pdl,
                 launch_pdl=pdl, num_warps=4)
 
@@ -307,7 +341,7 @@ def _linear_meta(N: int, K: int, norm: bool, bias: bool, add: bool, silu: bool, 
 @cache
 def _rope_linear_meta(hidden: int, n_heads: int, n_kv_heads: int, D: int, bias: bool, int4: bool, pdl: bool
                       ) -> dict:
-    block_r, block_k = gemv_blocks((n_heads + 2 * n_kv_heads) * D // 2, hidden)
+    block_r, block_k = gemv_blocks((n_heads + 2 * n_kv_heads) * D // 2, hidden, int4)
     return dict(HIDDEN=hidden, HQ=n_heads, HKV=n_kv_heads, D=D, BLOCK_R=min(block_r, D // 2), BLOCK_K=block_k,
                 BIAS=bias, INT4=int4, PDL=pdl, launch_pdl=pdl, num_warps=4)
 
@@ -324,8 +358,8 @@ def _rows(x):
 
 def _weight_args(linear) -> tuple[torch.Tensor, torch.Tensor, bool]:
     """(W, S, INT4) of the projection kernels: a float layer's weight, or an Int4Linear's codes and scales."""
-    if isinstance(linear, Int4Linear):
-        return linear.packed, linear.scales_and_zeros, True
+    if isinstance(linear, Int4Linear):  # as _codes reads them
+        return linear.packed.view(torch.int32), linear.scales_and_zeros.view(torch.int32).squeeze(-1), True
     weight = linear.weight.contiguous()
     return weight, weight, False
 
