@@ -83,7 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--color", choices=("auto", "always", "never"), default="auto",
                    help="colour fa-chat's own lines: auto (on a terminal, unless NO_COLOR is set), always, never")
     o.add_argument("--verbose", action="store_true",
-                   help="print full stats after each answer, the attention backend and whether CUDA graphs run")
+                   help="print full stats after each answer, the attention backend (and why it runs) and whether CUDA "
+                        "graphs run")
     return p
 
 

@@ -13,7 +13,7 @@ from fachat.engine.runner import Runner, cuda_graphs_reason
 from fachat.engine.persistence import model_fingerprint
 from fachat.engine.session import Session
 from fachat.errors import ContextLengthError, CorruptModelError
-from fachat.kernels.dispatch import BACKENDS, choose_backend
+from fachat.kernels.dispatch import backend_module, choose_backend
 from fachat.models.loaders import LoadedModel, load_model
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
@@ -69,9 +69,9 @@ class Engine:
         # An explicit max_seq_len presets the cache capacity: no growth, memory known up front.
         self.preset_capacity = max_seq_len is not None
         self.max_seq_len = max_seq_len if max_seq_len is not None else self.args.max_position_embeddings
-        # attention_backend_reason: why that backend runs (triton not installed, another device, ...).
+        # attention_backend_reason: why that backend runs (the default on the device, triton not installed, ...).
         self.attention_backend, self.attention_backend_reason = choose_backend(device, dtype, self.args.head_dim)
-        self.model.attn = BACKENDS[self.attention_backend]
+        self.model.attn = backend_module(self.attention_backend)
         self.cuda_graphs, self.cuda_graphs_reason = cuda_graphs_reason(device, self.attention_backend)
         self._stream: TextStream | None = None  # generate's last, which shares self.runner
         self._check_finite_logits()

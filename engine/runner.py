@@ -17,6 +17,7 @@ import torch
 
 from fachat.cache.kv_cache import InPlaceKVCache
 from fachat.engine.sampling import Sampler, SamplingParams, new_generator
+from fachat.kernels.dispatch import BACKENDS
 
 GRAPHS_ENV = "FACHAT_CUDA_GRAPHS"  # "0" turns CUDA-graph capture off
 # Steps the device runs ahead of the host's reads, by device type: none where every op is synchronous.
@@ -36,9 +37,9 @@ def cuda_graphs_reason(device: torch.device, attention_backend: str) -> tuple[bo
         return False, f"the device is {device.type}"
     if os.environ.get(GRAPHS_ENV, "1") == "0":
         return False, f"{GRAPHS_ENV}=0"
-    if attention_backend != "triton":
+    if not BACKENDS[attention_backend].cuda_graphs:
         return False, f"the {attention_backend} attention backend reads lengths on the host"
-    return True, "CUDA, triton attention"
+    return True, f"CUDA, {attention_backend} attention"
 
 
 class Runner:

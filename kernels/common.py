@@ -2,8 +2,14 @@
 from __future__ import annotations
 
 import math
+import os
+
+import torch
 
 LOG2E = 1.4426950408889634
+# What the compiled kernels (triton, metal) are specialized for; the reference takes anything.
+KERNEL_HEAD_DIMS = (64, 128, 256)
+KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 def score_scales(scale: float | None, softcap: float | None, head_dim: int) -> tuple[float, float]:
@@ -13,3 +19,36 @@ def score_scales(scale: float | None, softcap: float | None, head_dim: int) -> t
     if softcap is None:
         return scale * LOG2E, 0.0
     return scale / softcap, softcap * LOG2E
+
+
+def output_for(q: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
+    """out checked, or a new tensor: contiguous, shaped and typed as q, which the kernels fill whole."""
+    if out is None:
+        # empty_like: a third of torch.empty(shape, dtype=, device=)'s host time on the H100 host.
+        return torch.empty_like(q, memory_format=torch.contiguous_format)
+    if not out.is_contiguous() or out.shape != q.shape or out.dtype != q.dtype:
+        raise ValueError(f"out must be a contiguous {tuple(q.shape)} tensor of {q.dtype}")
+    return out
+
+
+def partitions(span: int, rows: int, units: int, tile: int, programs_per_unit: int, reduce_width: int) -> int:
+    """How many partitions split-KV decode deals `span` live keys to, for `rows` (batch * KV heads) on a device
+    of `units` parallel units (CUDA multiprocessors, GPU cores); the span's whole tiles of `tile` keys are dealt
+    to them in turn. A short span gets a partition per tile while one wave of two programs a unit holds them all
+    and the reduce merges them in one pass (`reduce_width` partials at most): each program then waits for one
+    tile. A longer one gets `programs_per_unit` programs a unit at most, so that none waits for a second wave,
+    and no more partitions than its longest one's tiles need."""
+    tiles = max(1, span // tile)  # whole tiles: a ragged end goes with one of them
+    if tiles * rows <= 2 * units and tiles <= reduce_width:
+        return tiles
+    most = max(1, programs_per_unit * units // rows)
+    per_partition = -(-tiles // most)
+    return -(-tiles // per_partition)
+
+
+def env_flag(name: str) -> bool | None:
+    """An on/off environment variable: True for "1", False for "0", None where it is unset or empty."""
+    value = os.environ.get(name, "")
+    if value not in ("", "0", "1"):
+        raise ValueError(f"{name} must be 0 or 1 (or unset), got {value!r}")
+    return None if value == "" else value == "1"

@@ -1,72 +1,140 @@
-"""The one place that picks an attention backend for a device, dtype and head_dim."""
+"""The one place that picks an attention backend for a device, dtype and head_dim: a table of backends
+(BACKENDS), each imported on first use, and the order in which "auto" tries them on each device type
+(PREFERENCE). A backend joins by an entry in both; nothing else names it."""
 from __future__ import annotations
 
 import importlib
 import importlib.util
 import os
+from dataclasses import dataclass
 from functools import cache
 from types import ModuleType
+from typing import Callable
 
 import torch
 
-from fachat.kernels import reference
+from fachat.kernels.common import KERNEL_DTYPES, KERNEL_HEAD_DIMS, env_flag
 
 BACKEND_ENV = "FACHAT_ATTENTION_BACKEND"
-# "triton" joins on first use (see _triton): fachat must import where triton is not installed.
-BACKENDS: dict[str, ModuleType] = {"reference": reference}
-NAMES = ("auto", "reference", "triton")
-TRITON_HEAD_DIMS = (64, 128, 256)
-TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+METAL_EMULATE_ENV = "FACHAT_METAL_EMULATE"
+
+
+@dataclass(frozen=True)
+class Backend:
+    name: str
+    module: str  # imported on first use (backend_module): fachat imports where triton is absent, and off a Mac
+    fits: Callable[[torch.device, torch.dtype, int], str | None]  # why it cannot run these arguments; None if it can
+    switch: str | None = None  # an environment variable: 0 keeps the backend from running, 1 makes "auto" pick it
+    cuda_graphs: bool = False  # its kernels read no lengths on the host, so a CUDA graph can capture them
 
 
 @cache
-def _triton() -> ModuleType | None:
-    """The triton backend module, registered in BACKENDS; None where triton is not installed. A backend
-    that does not import although triton is installed is a broken install: that raises, never falls back."""
-    if importlib.util.find_spec("triton") is None:
-        return None
-    try:
-        module = importlib.import_module("fachat.kernels.triton")
-    except ImportError as e:
-        raise ImportError(f"fa-chat's triton attention backend does not import, although triton is installed "
-                          f"(a broken install?): {e}") from e
-    BACKENDS["triton"] = module
-    return module
+def _installed(package: str) -> bool:
+    return importlib.util.find_spec(package) is not None
+
+
+def _kernel_unfit(dtype: torch.dtype, head_dim: int) -> str | None:
+    """Why the compiled kernels have no specialization for this dtype and head_dim, or None."""
+    if head_dim not in KERNEL_HEAD_DIMS:
+        return f"head_dim {head_dim} is not one of {KERNEL_HEAD_DIMS}"
+    if dtype not in KERNEL_DTYPES:
+        return f"dtype {dtype} is not float16, bfloat16 or float32"
+    return None
 
 
 def _triton_unfit(device: torch.device, dtype: torch.dtype, head_dim: int) -> str | None:
-    """Why the triton backend cannot run these arguments, or None if it can."""
-    if head_dim not in TRITON_HEAD_DIMS:
-        return f"head_dim {head_dim} is not one of {TRITON_HEAD_DIMS}"
-    if dtype not in TRITON_DTYPES:
-        return f"dtype {dtype} is not float16, bfloat16 or float32"
+    if why := _kernel_unfit(dtype, head_dim):
+        return why
     if device.type not in ("cuda", "cpu"):
         return f"device {device} is neither CUDA nor CPU"
-    module = _triton()
-    if module is None:
+    if not _installed("triton"):
         return "triton is not installed (pip install triton)"
-    if device.type == "cpu" and not module.INTERPRET:
+    if device.type == "cpu" and not backend_module("triton").INTERPRET:
         return "CPU tensors need Triton's interpreter: set TRITON_INTERPRET=1 before fachat.kernels.triton is imported"
     return None
 
 
+def _metal_unfit(device: torch.device, dtype: torch.dtype, head_dim: int) -> str | None:
+    emulate = env_flag(METAL_EMULATE_ENV)  # read first, so that a bad value fails wherever metal is considered
+    if why := _kernel_unfit(dtype, head_dim):
+        return why
+    if device.type == "mps":
+        # Public since PyTorch 2.7; the kernels are compiled from their .metal sources at run time.
+        return None if hasattr(torch.mps, "compile_shader") else \
+            f"torch {torch.__version__} has no torch.mps.compile_shader (PyTorch >= 2.7)"
+    if device.type == "cpu":
+        # The .metal sources built for the CPU by a C++ compiler: how tests run them without a Mac.
+        return None if emulate else f"CPU tensors need the Metal emulation: set {METAL_EMULATE_ENV}=1"
+    return f"device {device} is neither MPS nor CPU"
+
+
+BACKENDS: dict[str, Backend] = {backend.name: backend for backend in (
+    Backend("reference", "fachat.kernels.reference", lambda device, dtype, head_dim: None),
+    Backend("triton", "fachat.kernels.triton", _triton_unfit, cuda_graphs=True),
+    Backend("metal", "fachat.kernels.metal", _metal_unfit, switch="FACHAT_METAL"),
+)}
+# "auto" runs the first of these that fits the device's type (any other type: cpu's); the reference runs anything.
+PREFERENCE: dict[str, tuple[str, ...]] = {"cuda": ("triton", "reference"), "mps": ("metal", "reference"),
+                                          "cpu": ("reference",)}
+
+
+def backend_module(name: str) -> ModuleType:
+    """The module of the backend called `name`, imported on first use. A backend is chosen only where its fits
+    has passed (triton installed, ...): a module that then does not import is a broken install, which raises
+    rather than falls back."""
+    try:
+        return importlib.import_module(BACKENDS[name].module)
+    except ImportError as e:
+        raise ImportError(f"fa-chat's {name} attention backend does not import, although it can run here "
+                          f"(a broken install?): {e}") from e
+
+
+def _unfit(name: str, device: torch.device, dtype: torch.dtype, head_dim: int) -> str | None:
+    """Why the backend called `name` cannot run these arguments, or None if it can."""
+    backend = BACKENDS[name]
+    if backend.switch and env_flag(backend.switch) is False:
+        return f"{backend.switch}=0"
+    return backend.fits(device, dtype, head_dim)
+
+
+def _asked(backend: str | None) -> tuple[str, str]:
+    """(name, by what) of the backend asked for: `backend`, else $FACHAT_ATTENTION_BACKEND, else one whose switch
+    is 1; ("auto", "") where none is."""
+    named = os.environ.get(BACKEND_ENV)
+    switched_on = [b for b in BACKENDS.values() if b.switch and env_flag(b.switch)]  # read all: bad values fail
+    if backend:
+        return backend, "asked for"
+    if named:
+        return named, f"{BACKEND_ENV}={named}"
+    if switched_on:
+        return switched_on[0].name, f"{switched_on[0].switch}=1"
+    return "auto", ""
+
+
+def _auto(device: torch.device, dtype: torch.dtype, head_dim: int) -> tuple[str, str]:
+    """(name, why) of the first backend in PREFERENCE[device type] that fits; why names those passed over."""
+    passed = []
+    for name in PREFERENCE.get(device.type, PREFERENCE["cpu"]):
+        if (unfit := _unfit(name, device, dtype, head_dim)) is None:
+            return name, "; ".join(passed) or f"the default on {device.type}"
+        passed.append(f"{name}: {unfit}")
+    raise ValueError(f"no attention backend runs on {device.type}: {'; '.join(passed)}")
+
+
 def choose_backend(device: torch.device | str, dtype: torch.dtype, head_dim: int,
                    backend: str | None = None) -> tuple[str, str]:
-    """(name, why) of the backend to run: `backend`, else $FACHAT_ATTENTION_BACKEND, else "auto": triton on
-    CUDA where it fits (head_dim, dtype, triton installed), otherwise the torch reference."""
-    name = backend or os.environ.get(BACKEND_ENV) or "auto"
-    if name not in NAMES:
-        raise ValueError(f"backend {name!r} is not available; choose from: {', '.join(NAMES)}")
+    """(name, why) of the backend to run: the one asked for (see _asked), which is a ValueError saying why where
+    it cannot run, else "auto" (see _auto). The module is imported here: a broken install raises at once."""
     device = torch.device(device)
-    if name != "auto":
-        why = _triton_unfit(device, dtype, head_dim) if name == "triton" else None
-        if why is not None:
-            raise ValueError(f"attention backend 'triton' cannot run here: {why}")
-        return name, "asked for" if backend else f"{BACKEND_ENV}={name}"
-    if device.type != "cuda":
-        return "reference", f"the device is {device.type}; triton runs on CUDA"
-    why = _triton_unfit(device, dtype, head_dim)
-    return ("reference", why) if why is not None else ("triton", f"CUDA, {dtype}, head_dim {head_dim}")
+    name, why = _asked(backend)
+    if name == "auto":
+        name, why = _auto(device, dtype, head_dim)
+    elif name not in BACKENDS:
+        raise ValueError(f"backend {name!r} is not available; choose from: auto, {', '.join(BACKENDS)}")
+    elif (unfit := _unfit(name, device, dtype, head_dim)) is not None:
+        raise ValueError(f"attention backend {name!r} cannot run here: {unfit} ({why})")
+    backend_module(name)
+    return name, why
 
 
 def select_backend(device: torch.device | str, dtype: torch.dtype, head_dim: int, backend: str | None = None) -> str:
@@ -95,7 +163,7 @@ def decode_attention(q, k_cache, v_cache, kv_len, *, scale=None, window=None, so
     """Attention of one query position per row. q [B, Hq, D]; k_cache, v_cache [B, Hkv, capacity, D];
     kv_len an int or an int tensor [B]. Returns [B, Hq, D]."""
     _check(q, k_cache, v_cache, kv_len, 3)
-    impl = BACKENDS[select_backend(q.device, q.dtype, q.shape[-1], backend)]
+    impl = backend_module(select_backend(q.device, q.dtype, q.shape[-1], backend))
     return impl.decode_attention(q, k_cache, v_cache, kv_len, scale=scale, window=window, softcap=softcap)
 
 
@@ -103,5 +171,5 @@ def prefill_attention(q, k_cache, v_cache, kv_len, *, scale=None, window=None, s
     """Bottom-right causal attention. q [B, Hq, Lq, D] holds the last Lq of the kv_len live positions.
     Returns [B, Hq, Lq, D]."""
     _check(q, k_cache, v_cache, kv_len, 4)
-    impl = BACKENDS[select_backend(q.device, q.dtype, q.shape[-1], backend)]
+    impl = backend_module(select_backend(q.device, q.dtype, q.shape[-1], backend))
     return impl.prefill_attention(q, k_cache, v_cache, kv_len, scale=scale, window=window, softcap=softcap)

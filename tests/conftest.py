@@ -33,6 +33,10 @@ def derive_seed(*parts) -> int:
     return zlib.crc32(repr(parts).encode(), SESSION_SEED) & 0x7FFFFFFF
 
 
+def pytest_configure(config):
+    config.addinivalue_line("markers", "mps: runs the Metal kernels on an Apple GPU (skipped without MPS; pytest -m mps)")
+
+
 def pytest_report_header(config):
     return f"fachat tests: session seed {SESSION_SEED} (replay with FACHAT_TEST_SEED={SESSION_SEED})"
 

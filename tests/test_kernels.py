@@ -301,7 +301,7 @@ def test_backend_from_environment(monkeypatch, gen, seed):
 
 def test_auto_backend_choice(monkeypatch):
     """auto: triton on CUDA for the head dims and dtypes it covers (where triton imports), else the reference."""
-    from fachat.kernels.dispatch import BACKENDS, select_backend
+    from fachat.kernels.dispatch import select_backend
 
     monkeypatch.delenv(BACKEND_ENV, raising=False)
     try:
@@ -314,7 +314,6 @@ def test_auto_backend_choice(monkeypatch):
             assert select_backend("cuda", dtype, D) == gpu
             assert select_backend("cpu", dtype, D) == "reference"
             assert select_backend("cuda", dtype, D, backend="reference") == "reference"
-    assert gpu in BACKENDS
     assert select_backend("cuda", torch.bfloat16, 32) == "reference"
     assert select_backend("cuda", torch.float64, 64) == "reference"
     monkeypatch.setenv(BACKEND_ENV, "reference")
@@ -376,5 +375,5 @@ def test_a_broken_triton_backend_is_an_error_not_a_fallback():
     env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", BACKEND_ENV)}
     run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=120)
     assert run.returncode == 0, run.stderr
-    assert "('reference', 'the device is cpu; triton runs on CUDA')" in run.stdout, run.stdout
+    assert "('reference', 'the default on cpu')" in run.stdout, run.stdout
     assert "ImportError: fa-chat's triton attention backend does not import" in run.stdout, run.stdout

@@ -29,7 +29,7 @@ from triton import knobs
 from triton.runtime import driver
 from triton.runtime.interpreter import InterpretedFunction
 
-from fachat.kernels.common import score_scales
+from fachat.kernels.common import output_for, partitions, score_scales
 
 
 @dataclass(frozen=True)
@@ -61,17 +61,9 @@ def sm_count(device: torch.device) -> int:
 
 
 def split(span: int, rows: int, head_dim: int, sms: int, cfg: DecodeConfig) -> int:
-    """Partitions for `span` live keys, `rows` = batch * KV heads and `sms` multiprocessors; the span's
-    tiles are dealt to them in turn. A short span gets a partition per tile while one wave of two programs
-    a multiprocessor holds them all and the reduce takes their partials in one chunk: each program then
-    waits for one tile. A longer one gets cfg.programs_per_sm programs a multiprocessor at most, so that
-    none waits for a second wave, and no more partitions than its longest one's tiles need."""
-    tiles = max(1, span // cfg.block_n)  # whole tiles: a ragged end goes with one of them
-    if tiles * rows <= 2 * sms and tiles <= REDUCE_CHUNK // head_dim:
-        return tiles
-    most = max(1, cfg.programs_per_sm * sms // rows)
-    per_partition = -(-tiles // most)
-    return -(-tiles // per_partition)
+    """Partitions for `span` live keys, `rows` = batch * KV heads and `sms` multiprocessors (common.partitions),
+    with cfg's tile and programs per multiprocessor, and the partials the reduce holds in one chunk."""
+    return partitions(span, rows, sms, cfg.block_n, cfg.programs_per_sm, REDUCE_CHUNK // head_dim)
 
 
 @triton.jit
@@ -157,16 +149,6 @@ def launch_target() -> tuple[int, int]:
     """(device, stream) that Triton launches on: the current CUDA device and its current stream."""
     device = driver.active.get_current_device()
     return device, driver.active.get_current_stream(device)
-
-
-def output_for(q: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
-    """out checked, or a new tensor: contiguous, shaped and typed as q, which the kernels fill whole."""
-    if out is None:
-        # empty_like: a third of torch.empty(shape, dtype=, device=)'s host time on the H100 host.
-        return torch.empty_like(q, memory_format=torch.contiguous_format)
-    if not out.is_contiguous() or out.shape != q.shape or out.dtype != q.dtype:
-        raise ValueError(f"out must be a contiguous {tuple(q.shape)} tensor of {q.dtype}")
-    return out
 
 
 def dot_args(dtype: torch.dtype) -> dict:

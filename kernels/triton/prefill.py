@@ -20,9 +20,8 @@ import torch
 import triton
 import triton.language as tl
 
-from fachat.kernels.common import score_scales
-from fachat.kernels.triton.decode import (INTERPRET, Launcher, _dot, sm_count, _tanh, dot_args, kernel_layout,
-                                          output_for)
+from fachat.kernels.common import output_for, score_scales
+from fachat.kernels.triton.decode import INTERPRET, Launcher, _dot, sm_count, _tanh, dot_args, kernel_layout
 
 
 @dataclass(frozen=True)
