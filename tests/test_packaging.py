@@ -17,6 +17,7 @@ ROOT = Path(__file__).resolve().parent.parent
 # Where Python may start: the checkout's root (python -m pytest, python -c), tests/ and benchmarks/ (scripts).
 START_FOLDERS = [".", "tests", "benchmarks"]
 NOT_IN_THE_WHEEL = {"tests", "benchmarks"}
+SHIPPED = (".py", ".metal", ".h")  # what the wheel holds from the package folders (setup.py's package_data)
 
 
 def top_level_names(folder: Path) -> set[str]:
@@ -50,21 +51,25 @@ def test_transformers_and_fachat_import_from_the_checkout_root():
 
 
 def test_the_wheel_holds_and_imports_every_module(tmp_path):
-    """Every .py below the checkout's package folders (folder X installs as fachat.X; fachat/ as fachat) is in
-    the wheel, and the installed wheel, not the sources, imports."""
+    """Every .py below the checkout's package folders (folder X installs as fachat.X; fachat/ as fachat), and the
+    Metal backend's kernel sources and emulation header, are in the wheel, and the installed wheel, not the
+    sources, imports."""
     source = tmp_path / "src"  # a copy, so that the build leaves nothing in the checkout
     shutil.copytree(ROOT, source, ignore=shutil.ignore_patterns(".*", "__pycache__", "build", "dist", "*.egg-info",
                                                                 "results"))
     expected = set()
-    for path in source.rglob("*.py"):
+    for path in source.rglob("*"):
         rel = path.relative_to(source)
+        if path.suffix not in SHIPPED:
+            continue
         if len(rel.parts) > 1 and rel.parts[0] not in NOT_IN_THE_WHEEL and not rel.parts[0].startswith("."):
             expected.add(rel.as_posix() if rel.parts[0] == "fachat" else f"fachat/{rel.as_posix()}")
     assert expected, "no package folder found"
     subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation",
                     "-w", str(tmp_path / "dist"), str(source)], check=True, capture_output=True, timeout=300)
     wheel = str(next((tmp_path / "dist").glob("*.whl")))
-    held = {n for n in zipfile.ZipFile(wheel).namelist() if n.endswith(".py")}
+    held = {n for n in zipfile.ZipFile(wheel).namelist() if n.endswith(SHIPPED) and ".dist-info/" not in n}
+    assert any(n.endswith(".metal") for n in expected), "no .metal source found: is SHIPPED out of date?"
     assert not expected - held, f"missing from the wheel: {sorted(expected - held)}"
     assert not held - expected, f"in the wheel but not in the checkout: {sorted(held - expected)}"
 
