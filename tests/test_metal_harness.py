@@ -90,6 +90,51 @@ template [[host_name("matmul_half")]] kernel void matmul<half>(device float*, co
 template [[host_name("matmul_bfloat")]] kernel void matmul<bfloat>(device float*, const device bfloat*,
     const device bfloat*, constant long&, ushort);
 
+// Matrices written again right after an operation that read them: each operation takes its operands' values as
+// they are at the operation, as on the GPU.
+kernel void matrix_values(device float* out [[buffer(0)]], const device float* d [[buffer(1)]]) {
+    simdgroup_float8x8 a = make_filled_simdgroup_matrix<float, 8, 8>(1.0f);
+    simdgroup_store(a, out, 8);
+    a = make_filled_simdgroup_matrix<float, 8, 8>(2.0f);
+    simdgroup_store(a, out + 64, 8);
+    simdgroup_float8x8 dm, om = simdgroup_float8x8(1.0f), t;
+    simdgroup_load(dm, d, 8);
+    for (int i = 0; i < 3; i++) {
+        simdgroup_multiply(t, dm, om);
+        om = t;
+    }
+    simdgroup_store(om, out + 128, 8);
+}
+
+// Shared memory sized by products, macros and parentheses; the threads read each other's writes.
+#define ROWS 4
+#define COLS 16
+kernel void product_sized(device float* out [[buffer(0)]], const device float* x [[buffer(1)]],
+                          uint gid [[thread_position_in_grid]], uint tid [[thread_index_in_threadgroup]]) {
+    threadgroup float a[ROWS * COLS], b[(ROWS) * (COLS / 2) * 2];
+    threadgroup float2 c[ROWS * 2][COLS / (1 * 2)];
+    threadgroup float* p = b;  // a pointer into threadgroup memory stays a pointer
+    a[tid] = x[gid];
+    p[tid] = 2.0f * x[gid];
+    c[tid / 8][tid % 8] = float2(0.0f, 3.0f * x[gid]);
+    threadgroup_barrier(mem_flags::mem_threadgroup);
+    const uint o = (tid + 1) % (ROWS * COLS);
+    out[gid] = a[o] + b[o] + c[o / 8][o % 8].y;
+}
+
+// Simd-group `src` hands its values to the other through threadgroup memory: only a threadgroup barrier orders
+// that. Simd-groups moving in step would meet at the simdgroup_barrier and hide the missing one.
+kernel void hand_over(device float* out [[buffer(0)]], const device float* x [[buffer(1)]],
+                      constant int& src [[buffer(2)]], constant int& barrier [[buffer(3)]],
+                      uint gid [[thread_position_in_grid]], uint sg [[simdgroup_index_in_threadgroup]],
+                      uint lane [[thread_index_in_simdgroup]]) {
+    threadgroup float shared[32];
+    if ((int)sg == src) shared[lane] = x[gid];
+    simdgroup_barrier(mem_flags::mem_threadgroup);
+    if (barrier) threadgroup_barrier(mem_flags::mem_threadgroup);
+    out[gid] = shared[lane];
+}
+
 kernel void roundings(device half* h [[buffer(0)]], device bfloat* b [[buffer(1)]], const device float* x [[buffer(2)]],
                       device float4* v [[buffer(3)]], uint i [[thread_position_in_grid]]) {
     h[i] = half(x[i]);
@@ -305,3 +350,47 @@ def test_compile_error_names_the_problem():
              "    out[0] = undeclared_value;\n}\n"
     with pytest.raises(SyntaxError, match=r"(?s)shader\.metal:5.*undeclared_value"):
         emulate.compile_shader(source)
+
+
+
+def test_simdgroup_matrix_operations_take_values(lib):
+    """A matrix overwritten right after its store, and a product copied into its own operand in a loop: each
+    operation reads its operands as they were at the operation, whatever a lane writes next."""
+    d = torch.randn(8, 8)
+    out = torch.empty(3, 8, 8)
+    lib.matrix_values(out, d, threads=32, group_size=32)
+    assert torch.equal(out[0], torch.ones(8, 8)) and torch.equal(out[1], torch.full((8, 8), 2.0))
+    dd = d.double().numpy()
+    np.testing.assert_allclose(out[2].numpy(), dd @ dd @ dd, rtol=1e-5, atol=1e-5 * np.abs(dd @ dd @ dd).max())
+
+
+def test_threadgroup_arrays_sized_by_any_expression_are_shared(lib):
+    x = torch.randn(4 * 64)
+    out = torch.empty_like(x)
+    lib.product_sized(out, x, threads=x.numel(), group_size=64)
+    expected = 6 * x.view(-1, 64).roll(-1, dims=1).reshape(-1)
+    np.testing.assert_allclose(out.numpy(), expected.numpy(), rtol=1e-6, atol=1e-6)
+
+
+def test_threadgroup_declaration_it_cannot_place_is_a_compile_error():
+    source = "#include <metal_stdlib>\nusing namespace metal;\n#define SHARED threadgroup float s[64]\n" \
+             "kernel void hidden(device float* out [[buffer(0)]], uint i [[thread_position_in_grid]]) {\n" \
+             "    SHARED;\n    s[i] = 1.0f;\n    out[i] = s[i];\n}\n"
+    with pytest.raises(SyntaxError, match=r"line 3.*threadgroup"):
+        emulate.compile_shader(source)
+
+
+@pytest.mark.parametrize("src", [0, 1])
+def test_missing_barrier_between_simdgroups_gives_wrong_output(lib, src):
+    """Data handed from simd-group 0 to 1 and from 1 to 0: the simd-groups do not run in step between threadgroup
+    barriers, and not in one fixed order, so either hand-over without its barrier reads stale memory."""
+    groups = 4
+    for barrier in (1, 0):
+        x = torch.randn(groups * 64)
+        out = torch.empty_like(x)
+        lib.hand_over(out, x, src, barrier, threads=x.numel(), group_size=64, arg_casts="int32")
+        expected = x.view(groups, 2, 32)[:, src:src + 1].expand(groups, 2, 32).reshape(-1)
+        if barrier:
+            assert torch.equal(out, expected)
+        else:
+            assert not torch.equal(out, expected)

@@ -84,16 +84,41 @@ def _strip_comments(source: str) -> str:
 def _translate(source: str) -> str:
     """The MSL source rewritten where C++ needs it; line numbers are kept for the compiler's messages."""
     source = re.sub(r"^[ \t]*#[ \t]*include[ \t]*<metal_\w+>", "", source, flags=re.M)
-    # The threads of a threadgroup share an OS thread, so a per-thread static is per threadgroup: that makes
-    # an in-body `threadgroup T name[N];` shared by the group, as on the GPU. A declaration of a pointer or
-    # reference (a `*` or `&` outside the brackets) keeps `threadgroup`, which the header erases.
-    source = re.sub(r"(^|[;{}])(\s*)threadgroup\b(?=(?:[\w:<>,\s]|\[[^;\]]*\])+;)", r"\1\2static thread_local",
-                    source, flags=re.M)
+    source = _shared_threadgroup(source)
     source = re.sub(r"(?<![\w.])((?:\d+\.\d*|\.\d+|\d+)(?:[eE][+-]?\d+)?)[hH]\b", r"half(\1)", source)  # 1.0h
     # clang rejects an attribute in an explicit instantiation; the entry wrappers carry the host names instead.
     source = re.sub(r"(\btemplate\s*)\[\[\s*host_name\s*\(\s*\"\w+\"\s*\)\s*\]\]", r"\1", source)
     # Read-only swizzles: `v.xy` becomes a call of msl_vec's swizzle; one that is assigned to stays and fails.
     return re.sub(r"\.([xyzw]{2,4}|[rgba]{2,4})\b(?!\s*(?:[-+*/%&|^]|<<|>>)?=(?!=))", _swizzle, source)
+
+
+def _shared_threadgroup(source: str) -> str:
+    """Every `threadgroup` variable declared in a body becomes `static thread_local`: the threads of a threadgroup
+    share an OS thread, so that is one variable per threadgroup, as on the GPU. Pointers and references to
+    threadgroup memory (declarations with a `*` or `&` outside brackets and template arguments, parameters,
+    casts) keep `threadgroup`, which the header erases. Any other `threadgroup` is a SyntaxError: left as it is,
+    it would silently be memory of each thread."""
+    def line(at: int) -> int:
+        return source.count("\n", 0, at) + 1
+
+    if found := re.search(r"^[ \t]*#.*\bthreadgroup\b", source, flags=re.M):
+        raise SyntaxError(f"Metal emulation: line {line(found.start())}: `threadgroup` in a preprocessor directive; "
+                          "write threadgroup declarations out in the kernel body")
+    code = re.sub(r"^[ \t]*#.*", lambda m: " " * len(m.group()), source, flags=re.M)  # offsets kept
+    pieces, at = [], 0
+    for m in re.finditer(r"(\S?)\s*(?:\b(?:const|volatile)\s+)*(?P<kw>\bthreadgroup\b)", code):
+        before = m.group(1)
+        if before and before in "(,<":  # a parameter, cast or template argument
+            continue
+        if before and before not in ";{}":
+            raise SyntaxError(f"Metal emulation: line {line(m.start('kw'))}: cannot tell "
+                              f"whether this `threadgroup` declares threadgroup memory (after {before!r}); "
+                              "declare it as a statement of its own, `threadgroup T name[N];`")
+        head = code[m.end():code.find(";", m.end())].split("=")[0]
+        if not re.search(r"[*&]", re.sub(r"\[.*\]|<.*>", "", head, flags=re.S)):
+            pieces += [source[at:m.start("kw")], "static thread_local"]
+            at = m.end()
+    return "".join(pieces) + source[at:]
 
 
 def _swizzle(m: re.Match) -> str:

@@ -11,7 +11,7 @@
 #include <ucontext.h>
 #endif
 
-// Address spaces mean nothing on the CPU; emulate.py turns in-body `threadgroup` arrays into `static thread_local`.
+// Address spaces mean nothing on the CPU; emulate.py turns in-body `threadgroup` variables into `static thread_local`.
 #define device
 #define constant
 #define thread
@@ -211,6 +211,10 @@ struct msl_group {
   // by the parity of a lane's collective count: a lane can post its next value before a slower one has read.
   unsigned char slot[2][MSL_MAX_GROUP / MSL_SIMD][MSL_SIMD][MSL_SLOT];
   uint32_t mask[2][MSL_MAX_GROUP / MSL_SIMD];
+  // Simdgroup matrix operations, by the same parity: set at the release, cleared by the first lane that runs
+  // after it (the leader); the leader leaves the result here for every lane.
+  bool lead[2][MSL_MAX_GROUP / MSL_SIMD];
+  alignas(16) unsigned char matrix[2][MSL_MAX_GROUP / MSL_SIMD][64 * sizeof(float)];
   char* err;
   int errlen, failed;
 };
@@ -302,27 +306,23 @@ static void msl_report_stuck(msl_group* g) {
   g->failed = 1;
 }
 
-// Lets a simd-group's waiting lanes go on when all its live lanes wait at the same collective.
-static bool msl_release_simdgroups(msl_group* g) {
-  bool released = false;
-  for (int s = 0; s * MSL_SIMD < g->n; s++) {
-    int lo = s * MSL_SIMD, hi = lo + MSL_SIMD < g->n ? lo + MSL_SIMD : g->n, line = -1, parity = 0;
-    uint32_t mask = 0;
-    bool all_here = true;
-    for (int i = lo; i < hi && all_here; i++) {
-      msl_fiber* f = &g->fibers[i];
-      if (f->state == MSL_DONE) continue;
-      if (line < 0) line = f->line, parity = f->parity;
-      all_here = f->state == MSL_AT_SIMD && f->line == line && f->parity == parity;
-      mask |= 1u << (i - lo);
-    }
-    if (!all_here || mask == 0) continue;
-    g->mask[parity][s] = mask;
-    for (int i = lo; i < hi; i++)
-      if (g->fibers[i].state == MSL_AT_SIMD) g->fibers[i].state = MSL_RUNNABLE;
-    released = true;
+// Lets simd-group s's waiting lanes go on when all its live lanes wait at the same collective.
+static bool msl_release_simdgroup(msl_group* g, int s) {
+  int lo = s * MSL_SIMD, hi = lo + MSL_SIMD < g->n ? lo + MSL_SIMD : g->n, line = -1, parity = 0;
+  uint32_t mask = 0;
+  for (int i = lo; i < hi; i++) {
+    msl_fiber* f = &g->fibers[i];
+    if (f->state == MSL_DONE) continue;
+    if (line < 0) line = f->line, parity = f->parity;
+    if (f->state != MSL_AT_SIMD || f->line != line || f->parity != parity) return false;
+    mask |= 1u << (i - lo);
   }
-  return released;
+  if (mask == 0) return false;
+  g->mask[parity][s] = mask;
+  g->lead[parity][s] = true;
+  for (int i = lo; i < hi; i++)
+    if (g->fibers[i].state == MSL_AT_SIMD) g->fibers[i].state = MSL_RUNNABLE;
+  return true;
 }
 
 // Lets the threadgroup through a barrier that all its threads reached; any that returned make it a deadlock.
@@ -333,25 +333,41 @@ static bool msl_release_barrier(msl_group* g) {
   return true;
 }
 
-// Runs one threadgroup to the end; false (with g->err set) on a kernel error, deadlock or divergence.
-static bool msl_run_group(msl_group* g) {
+// Runs simd-group s until none of its lanes can go on (each at a threadgroup barrier, returned, or stuck);
+// false on a kernel error.
+static bool msl_run_simdgroup(msl_group* g, int s) {
+  int lo = s * MSL_SIMD, hi = lo + MSL_SIMD < g->n ? lo + MSL_SIMD : g->n;
+  do {
+    for (int i = lo; i < hi; i++) {
+      msl_fiber* f = &g->fibers[i];
+      if (f->state != MSL_RUNNABLE) continue;
+      msl_cur_fiber = f;
+      msl_to_fiber(g, f);
+      if (g->failed) return false;
+    }
+  } while (msl_release_simdgroup(g, s));
+  return true;
+}
+
+// Runs threadgroup `index` of its dispatch to the end; false (with g->err set) on a kernel error, deadlock or
+// divergence. Between two threadgroup barriers the simd-groups run one after another, each up to the next
+// barrier, first to last or last to first by turns (starting the other way in every other threadgroup). So
+// threadgroup memory that one simd-group writes and another reads with no barrier between shows the stale
+// value in one of the orders, where simd-groups in step (or a GPU, often) would hide the missing barrier.
+static bool msl_run_group(msl_group* g, uint64_t index) {
   for (int i = 0; i < g->n; i++) msl_fiber_init(&g->fibers[i], g->stacks + (size_t)i * MSL_STACK);
   msl_cur_group = g;
-  for (;;) {
+  int nsimd = (g->n + MSL_SIMD - 1) / MSL_SIMD;
+  for (uint64_t turn = index;; turn++) {
+    for (int k = 0; k < nsimd; k++)
+      if (!msl_run_simdgroup(g, turn & 1 ? nsimd - 1 - k : k)) return false;
     int done = 0;
-    for (int i = 0; i < g->n; i++) {
-      msl_fiber* f = &g->fibers[i];
-      if (f->state == MSL_RUNNABLE) {
-        msl_cur_fiber = f;
-        msl_to_fiber(g, f);
-        if (g->failed) return false;
-      }
-      done += f->state == MSL_DONE;
-    }
+    for (int i = 0; i < g->n; i++) done += g->fibers[i].state == MSL_DONE;
     if (done == g->n) return true;
-    if (msl_release_simdgroups(g) || msl_release_barrier(g)) continue;
-    msl_report_stuck(g);
-    return false;
+    if (!msl_release_barrier(g)) {
+      msl_report_stuck(g);
+      return false;
+    }
   }
 }
 
@@ -432,7 +448,7 @@ extern "C" int msl_run(msl_entry entry, void** args, const uint32_t* grid, const
       f->state = MSL_RUNNABLE;
       f->parity = 0;
     }
-    failed = !msl_run_group(g);
+    failed = !msl_run_group(g, gi);
   }
   return failed;
 }
@@ -536,19 +552,28 @@ namespace precise = fast;
 // Fibers share one address space and run one at a time, so the memory side of a barrier is free.
 inline void threadgroup_barrier(mem_flags, int line = __builtin_LINE()) { msl_wait(MSL_AT_BARRIER, line); }
 
-// A simd-group collective: post `value`, wait for every live lane of the simd-group, then read all the posts
-// (as T, lane order) into `lanes`; returns the mask of lanes that took part.
-template <class T> uint32_t msl_exchange(const T& value, T* lanes, int line) {
+// Posts `value` for this lane's next simd-group collective and waits for every live lane of the simd-group.
+// Returns the posts, by lane, and sets `parity` to the set they are in (they stay until the lanes' next collective
+// but one: see msl_group::slot).
+template <class T> unsigned char (*msl_post(const T& value, int line, int& parity))[MSL_SLOT] {
   static_assert(sizeof(T) <= MSL_SLOT, "simd-group collective on a type wider than 32 bytes");
   msl_fiber* f = msl_cur_fiber;
-  msl_group* g = msl_cur_group;
-  unsigned char(*slots)[MSL_SLOT] = g->slot[f->parity][f->simd];
+  parity = f->parity;
+  unsigned char(*slots)[MSL_SLOT] = msl_cur_group->slot[parity][f->simd];
   __builtin_memcpy(slots[f->lane], &value, sizeof(T));
   msl_wait(MSL_AT_SIMD, line);
-  uint32_t mask = g->mask[f->parity][f->simd];
+  f->parity ^= 1;
+  return slots;
+}
+
+// A simd-group collective: post `value`, wait, then read all the posts (as T, lane order) into `lanes`; returns
+// the mask of lanes that took part.
+template <class T> uint32_t msl_exchange(const T& value, T* lanes, int line) {
+  int parity;
+  unsigned char(*slots)[MSL_SLOT] = msl_post(value, line, parity);
+  uint32_t mask = msl_cur_group->mask[parity][msl_cur_fiber->simd];
   for (int l = 0; l < MSL_SIMD; l++)
     if (mask >> l & 1) __builtin_memcpy(&lanes[l], slots[l], sizeof(T));
-  f->parity ^= 1;
   return mask;
 }
 
@@ -627,10 +652,11 @@ inline bool simd_is_first(int line = __builtin_LINE()) {
 }  // namespace metal
 
 // ---- simdgroup_matrix<T, Cols, Rows>, 8x8 only. Every lane holds the whole matrix. On the GPU a lane holds just
-// its 2 elements (thread_elements()), and a lane may change only those; so the collective operations rebuild each
-// operand from its owners' copies, after which all lanes agree again. Products accumulate in float.
+// its 2 elements (thread_elements()), and a lane may change only those; so an operation rebuilds each operand from
+// its owners' copies, and every lane gets the whole result. Products accumulate in float.
 template <class T, int C, int R> struct alignas(2 * sizeof(T)) simdgroup_matrix {
   static_assert(C == 8 && R == 8, "the emulation has 8x8 simdgroup matrices only");
+  static_assert(sizeof(T) <= sizeof(float), "simdgroup matrices of half, bfloat or float only");
   T e[8][8];  // [row][column]
   simdgroup_matrix() = default;
   explicit simdgroup_matrix(T diagonal) {
@@ -656,15 +682,31 @@ template <class T, int C, int R> msl_vec<T, 2>& simdgroup_matrix<T, C, R>::threa
 
 struct msl_matrix_post { const void* p[3]; };  // what a lane shows the others in a matrix operation
 
-// Synchronizes the simd-group (all 32 lanes) and checks that argument `uniform` is the same on every lane.
-inline void msl_matrix_sync(const char* op, msl_matrix_post mine, msl_matrix_post* lanes, int uniform, int line) {
-  if (metal::msl_exchange(mine, lanes, line) != 0xffffffffu) msl_fail("a simdgroup_matrix operation needs all 32 lanes of its simd-group");
-  for (int l = 0; l < MSL_SIMD; l++)
-    if (uniform >= 0 && lanes[l].p[uniform] != lanes[0].p[uniform]) {
-      char msg[160];
-      snprintf(msg, sizeof msg, "%s (line %d): the lanes of a simd-group passed different pointers", op, line);
-      msl_fail(msg);
+// A simdgroup_matrix operation of all 32 lanes, with value semantics as on the GPU: a lane may overwrite an
+// operand, or the memory that was loaded, as soon as the operation returns. Once all lanes arrived, the first
+// to run after the release (the leader) does `op` for the simd-group while the others have not gone on, so
+// memory and every lane's matrices still hold their values at the operation; the others never look at them.
+// op(posts, scratch) reads the lanes' posts and may leave a matrix in the simd-group's scratch, which is returned
+// to every lane. Post `uniform`, unless -1, must be the same on every lane.
+template <class Op> const void* msl_matrix_op(const char* name, msl_matrix_post mine, int uniform, int line, Op op) {
+  msl_group* g = msl_cur_group;
+  int parity, s = msl_cur_fiber->simd;
+  unsigned char(*slots)[MSL_SLOT] = metal::msl_post(mine, line, parity);
+  if (g->lead[parity][s]) {
+    g->lead[parity][s] = false;
+    if (g->mask[parity][s] != 0xffffffffu) msl_fail("a simdgroup_matrix operation needs all 32 lanes of its simd-group");
+    msl_matrix_post lanes[MSL_SIMD];
+    for (int l = 0; l < MSL_SIMD; l++) {
+      __builtin_memcpy(&lanes[l], slots[l], sizeof mine);
+      if (uniform >= 0 && lanes[l].p[uniform] != lanes[0].p[uniform]) {
+        char msg[160];
+        snprintf(msg, sizeof msg, "%s (line %d): the lanes of a simd-group passed different pointers", name, line);
+        msl_fail(msg);
+      }
     }
+    op(lanes, g->matrix[parity][s]);
+  }
+  return g->matrix[parity][s];
 }
 // Operand k of the posts, each element taken from the copy of the lane that owns it.
 template <class M> M msl_matrix_from_owners(const msl_matrix_post* lanes, int k) {
@@ -691,39 +733,45 @@ template <class T, int C, int R> simdgroup_matrix<T, C, R> make_filled_simdgroup
 template <class T, int C, int R, class U>
 void simdgroup_load(simdgroup_matrix<T, C, R>& d, const U* src, ulong elements_per_row = C, ulong2 matrix_origin = ulong2(0),
                     bool transpose_matrix = false, int line = __builtin_LINE()) {
-  msl_matrix_post lanes[MSL_SIMD];
-  msl_matrix_sync("simdgroup_load", {{src}}, lanes, 0, line);
-  const U* corner = src + matrix_origin.y * elements_per_row + matrix_origin.x;
-  for (int r = 0; r < 8; r++)
-    for (int c = 0; c < 8; c++)
-      d.e[r][c] = T(float(transpose_matrix ? corner[c * elements_per_row + r] : corner[r * elements_per_row + c]));
+  typedef simdgroup_matrix<T, C, R> M;
+  d = *(const M*)msl_matrix_op("simdgroup_load", {{src}}, 0, line, [&](const msl_matrix_post*, void* scratch) {
+    M& m = *(M*)scratch;
+    const U* corner = src + matrix_origin.y * elements_per_row + matrix_origin.x;
+    for (int r = 0; r < 8; r++)
+      for (int c = 0; c < 8; c++)
+        m.e[r][c] = T(float(transpose_matrix ? corner[c * elements_per_row + r] : corner[r * elements_per_row + c]));
+  });
 }
 template <class T, int C, int R, class U>
 void simdgroup_store(const simdgroup_matrix<T, C, R>& a, U* dst, ulong elements_per_row = C, ulong2 matrix_origin = ulong2(0),
                      bool transpose_matrix = false, int line = __builtin_LINE()) {
-  msl_matrix_post lanes[MSL_SIMD];
-  msl_matrix_sync("simdgroup_store", {{&a, dst}}, lanes, 1, line);
-  simdgroup_matrix<T, C, R> m = msl_matrix_from_owners<simdgroup_matrix<T, C, R>>(lanes, 0);
-  U* corner = dst + matrix_origin.y * elements_per_row + matrix_origin.x;
-  for (int r = 0; r < 8; r++)
-    for (int c = 0; c < 8; c++) (transpose_matrix ? corner[c * elements_per_row + r] : corner[r * elements_per_row + c]) = U(float(m.e[r][c]));
+  msl_matrix_op("simdgroup_store", {{&a, dst}}, 1, line, [&](const msl_matrix_post* lanes, void*) {
+    simdgroup_matrix<T, C, R> m = msl_matrix_from_owners<simdgroup_matrix<T, C, R>>(lanes, 0);
+    U* corner = dst + matrix_origin.y * elements_per_row + matrix_origin.x;
+    for (int r = 0; r < 8; r++)
+      for (int c = 0; c < 8; c++)
+        (transpose_matrix ? corner[c * elements_per_row + r] : corner[r * elements_per_row + c]) = U(float(m.e[r][c]));
+  });
 }
 // d = a * b + c, summed in float and rounded once to d's element type.
 template <class TD, class TA, class TB, class TC>
 void simdgroup_multiply_accumulate(simdgroup_matrix<TD, 8, 8>& d, const simdgroup_matrix<TA, 8, 8>& a,
                                    const simdgroup_matrix<TB, 8, 8>& b, const simdgroup_matrix<TC, 8, 8>& c,
                                    int line = __builtin_LINE()) {
-  msl_matrix_post lanes[MSL_SIMD];
-  msl_matrix_sync("simdgroup_multiply_accumulate", {{&a, &b, &c}}, lanes, -1, line);
-  simdgroup_matrix<TA, 8, 8> ma = msl_matrix_from_owners<simdgroup_matrix<TA, 8, 8>>(lanes, 0);
-  simdgroup_matrix<TB, 8, 8> mb = msl_matrix_from_owners<simdgroup_matrix<TB, 8, 8>>(lanes, 1);
-  simdgroup_matrix<TC, 8, 8> mc = msl_matrix_from_owners<simdgroup_matrix<TC, 8, 8>>(lanes, 2);
-  for (int r = 0; r < 8; r++)
-    for (int col = 0; col < 8; col++) {
-      float acc = float(mc.e[r][col]);
-      for (int k = 0; k < 8; k++) acc += float(ma.e[r][k]) * float(mb.e[k][col]);
-      d.e[r][col] = TD(acc);
-    }
+  typedef simdgroup_matrix<TD, 8, 8> M;
+  d = *(const M*)msl_matrix_op("simdgroup_multiply_accumulate", {{&a, &b, &c}}, -1, line,
+                               [](const msl_matrix_post* lanes, void* scratch) {
+    simdgroup_matrix<TA, 8, 8> ma = msl_matrix_from_owners<simdgroup_matrix<TA, 8, 8>>(lanes, 0);
+    simdgroup_matrix<TB, 8, 8> mb = msl_matrix_from_owners<simdgroup_matrix<TB, 8, 8>>(lanes, 1);
+    simdgroup_matrix<TC, 8, 8> mc = msl_matrix_from_owners<simdgroup_matrix<TC, 8, 8>>(lanes, 2);
+    M& m = *(M*)scratch;
+    for (int r = 0; r < 8; r++)
+      for (int col = 0; col < 8; col++) {
+        float acc = float(mc.e[r][col]);
+        for (int k = 0; k < 8; k++) acc += float(ma.e[r][k]) * float(mb.e[k][col]);
+        m.e[r][col] = TD(acc);
+      }
+  });
 }
 template <class TD, class TA, class TB>
 void simdgroup_multiply(simdgroup_matrix<TD, 8, 8>& d, const simdgroup_matrix<TA, 8, 8>& a, const simdgroup_matrix<TB, 8, 8>& b,
