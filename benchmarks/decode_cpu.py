@@ -9,8 +9,9 @@ dependency: pip install llama-cpp-python; left out where it does not import), wh
 Every engine generates exactly --new-tokens greedy tokens from the same token ids (eos is ignored: fa-chat by
 clearing its eos ids, transformers by min_new_tokens, llama.cpp's generate never stops by itself). Runs
 alternate between the engines, and each figure is the median of --repeats runs. Load s: the engine's load;
-RSS MB: the process's resident memory after the load and a warm-up, less before the load; weights MB: what
-fa-chat's weights take (Engine.weight_bytes). Prints a table and writes JSON and a PNG to benchmarks/results/.
+RSS MB: the process's resident memory after the load and a warm-up, less before the load; KV MB: what fa-chat's
+KV cache held then (so "RSS - KV" is what the issue's memory target bounds: at most 1.3x the file); weights MB:
+what fa-chat's weights take (Engine.weight_bytes). Prints a table and writes JSON and a PNG to benchmarks/results/.
 """
 from __future__ import annotations
 
@@ -81,13 +82,17 @@ def rss_mb() -> float:
 
 
 def loaded(load, warm_up):
-    """(the engine, load seconds, RSS MB it added, warm-up included)."""
+    """(the engine, load seconds, RSS MB it added, warm-up included, and of that its KV cache's MB: fa-chat's)."""
     before = rss_mb()
     t0 = time.perf_counter()
     engine = load()
     seconds = time.perf_counter() - t0
     warm_up(engine)
-    return engine, seconds, rss_mb() - before
+    added = rss_mb() - before
+    if not isinstance(engine, Engine):
+        return engine, seconds, added, None
+    cache = engine.runner.cache
+    return engine, seconds, added, sum(t.numel() * t.element_size() for t in cache.k + cache.v) / 2**20
 
 
 def plot(result: dict, path: Path) -> None:
@@ -121,7 +126,7 @@ def main() -> None:
     path = Path(a.model or default_model())
     dtype = getattr(torch, a.dtype)
     engines = {}  # name -> (timing function, engine)
-    loads = {}  # name -> (load s, RSS MB)
+    loads = {}  # name -> (load s, RSS MB, KV MB or None)
 
     def warm_ours(e: Engine) -> None:
         e.tokenizer.eos_token_ids = []  # always generate exactly --new-tokens
@@ -157,6 +162,7 @@ def main() -> None:
         prefill, decode = (statistics.median(r[i] for r in runs[name]) for i in (0, 1))
         model = engines[name][1]
         return {"prefill_tok_s": prefill, "decode_tok_s": decode, "load_s": loads[name][0], "rss_MB": loads[name][1],
+                "kv_MB": loads[name][2],
                 "weights_MB": model.weight_bytes / 2**20 if isinstance(model, Engine) else None,
                 "runs": [{"prefill_tok_s": p, "decode_tok_s": d} for p, d in runs[name]]}
 
@@ -170,13 +176,15 @@ def main() -> None:
     peer = result["engines"][peer_name]
     print(f"\n{path.name} on CPU ({result['file_MB']:.0f} MB), {torch.get_num_threads()} threads, "
           f"prompt {a.prompt_tokens}, {a.new_tokens} new tokens, median of {a.repeats}; dequantized: {a.dtype}")
-    print(f"{'':21}{'prefill tok/s':>15}{'decode tok/s':>14}{'load s':>8}{'RSS MB':>8}{'weights MB':>12}"
-          f"{f'prefill / decode vs {peer_name}':>32}")
+    print(f"{'':21}{'prefill tok/s':>15}{'decode tok/s':>14}{'load s':>8}{'RSS MB':>8}{'KV MB':>7}"
+          f"{'(RSS-KV)/file':>15}{'weights MB':>12}{f'prefill / decode vs {peer_name}':>32}")
     for name, r in result["engines"].items():
         ratio = f"{r['prefill_tok_s'] / peer['prefill_tok_s']:.2f}x / {r['decode_tok_s'] / peer['decode_tok_s']:.2f}x"
         weights = "-" if r["weights_MB"] is None else f"{r['weights_MB']:.1f}"
+        kv, of_file = ("-", "-") if r["kv_MB"] is None else \
+            (f"{r['kv_MB']:.1f}", f"{(r['rss_MB'] - r['kv_MB']) / result['file_MB']:.2f}x")
         print(f"{name:21}{r['prefill_tok_s']:15.1f}{r['decode_tok_s']:14.1f}{r['load_s']:8.2f}{r['rss_MB']:8.0f}"
-              f"{weights:>12}{ratio:>32}")
+              f"{kv:>7}{of_file:>15}{weights:>12}{ratio:>32}")
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(".tmp")

@@ -2,7 +2,7 @@
 what CUDA-graph capture needs of them and of decode_attention: no value read on the host.
 
 The reference backend runs on the CPU; the triton one on CUDA where there is a GPU, else in Triton's CPU
-interpreter (set up as tests/test_triton_kernels.py does), and its tests skip where triton does not import.
+interpreter (set up as tests/test_attention_backends.py's load_triton does), and its tests skip where triton does not import.
 """
 from __future__ import annotations
 

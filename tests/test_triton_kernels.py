@@ -1,79 +1,31 @@
-"""The triton backend's decode and prefill kernels against the float64 attention of test_kernels.
+"""What only the triton backend has: how its decode deals tiles to partitions and chunks of them to the
+reduce, its split heuristic, its prefill's tile edges, its launch path, and (on CUDA) long contexts, large
+shapes and Hopper's Gluon kernels. The attention contract that every backend keeps runs for triton in
+test_attention_backends.py, through the same Backend and fixture (outputs and decode partials poisoned with NaN).
 
 Without CUDA (CI) the kernels run in Triton's CPU interpreter at small shapes; with CUDA the same
 tests run compiled on the GPU (CUDA_VISIBLE_DEVICES= runs the interpreter flavour there too), plus
-a few at sizes the interpreter would take minutes over. Every call writes into an output poisoned
-with NaN, and the decode partials come from a NaN-poisoned workspace, so an element a kernel
-fails to write shows up as NaN. The interpreter flavour needs a Triton whose interpreter runs under
-numpy >= 2.4: 3.9 does, 3.6 does not (triton-lang/triton#9171).
+a few at sizes the interpreter would take minutes over. The interpreter flavour needs a Triton whose
+interpreter runs under numpy >= 2.4: 3.9 does, 3.6 does not (triton-lang/triton#9171).
 """
 from __future__ import annotations
-
-import os
 
 import pytest
 import torch
 
+from test_attention_backends import CUDA, DEVICE, load_triton, triton_backend  # noqa: F401 (a fixture)
 from test_kernels import check, make_inputs, ref_attention
 
-CUDA = torch.cuda.is_available()
-DEVICE = "cuda" if CUDA else "cpu"
-# Without a GPU the kernels go to Triton's interpreter, which triton (and its triton.language helpers)
-# choose when they are imported and decorated: TRITON_INTERPRET is set for this import, and again
-# while this module's tests run (triton_interpreter), so that other modules never see it.
-saved = os.environ.get("TRITON_INTERPRET")
-if not CUDA:
-    os.environ["TRITON_INTERPRET"] = "1"
-try:
-    from fachat.kernels.triton import decode, prefill
-except ImportError as e:
-    pytest.skip(f"the triton backend does not import ({e}); the test extra installs triton on Linux",
-                allow_module_level=True)
-finally:
-    if saved is None:
-        os.environ.pop("TRITON_INTERPRET", None)
-    else:
-        os.environ["TRITON_INTERPRET"] = saved
-WORKSPACE = decode.workspace  # the real one: poisoned_workspace replaces it for each test
+TRITON = load_triton()  # or a skip of this module that says why
+from fachat.kernels.triton import decode, prefill  # imported for the interpreter by load_triton
 
 F32, F16, BF16 = torch.float32, torch.float16, torch.bfloat16
 needs_gpu = pytest.mark.skipif(not CUDA, reason="large shapes: minutes in the CPU interpreter; runs on CUDA")
 needs_hopper = pytest.mark.skipif(not (CUDA and torch.cuda.get_device_capability() == (9, 0)),
                                   reason="the warp-specialised Gluon kernels run on Hopper (sm_90) GPUs only")
 
-
-pytestmark = pytest.mark.usefixtures("triton_interpreter")
-
-
-@pytest.fixture(autouse=True)
-def poisoned_workspace(monkeypatch):
-    """Decode partials start as NaN: a partition the kernel fails to write poisons the reduce."""
-    def nan_workspace(rows, num_parts, head_dim, device, target):
-        return torch.full((rows * num_parts * (head_dim + 2),), float("nan"), device=device)
-
-    monkeypatch.setattr(decode, "workspace", nan_workspace)
-
-
-def run(attention, q, k, v, kv_len, **kw):
-    """attention (the backend's decode or prefill) on DEVICE into a NaN-poisoned output, returned on the CPU."""
-    q, k, v = q.to(DEVICE), k.to(DEVICE), v.to(DEVICE)
-    if isinstance(kv_len, torch.Tensor):
-        kv_len = kv_len.to(DEVICE)
-    out = torch.full(q.shape, float("nan"), dtype=q.dtype, device=DEVICE)
-    assert attention(q, k, v, kv_len, out=out, **kw) is out
-    return out.cpu()
-
-
-def run_decode(q, k, v, kv_len, **kw):
-    return run(decode.decode_attention, q, k, v, kv_len, **kw)
-
-
-def run_prefill(q, k, v, kv_len, **kw):
-    return run(prefill.prefill_attention, q, k, v, kv_len, **kw)
-
-
-def block_n(D, dtype):
-    return decode.config(D, dtype).block_n
+pytestmark = pytest.mark.usefixtures("triton_backend")  # the interpreter, and decode partials poisoned with NaN
+run_decode, run_prefill = TRITON.decode, TRITON.prefill
 
 
 # ---------------------------------------------------------------- decode
@@ -95,68 +47,27 @@ def test_decode_lengths_around_tiles_and_partitions(length, len_as, parts, gen, 
     """Tiles dealt to 2 or 3 partitions: empty partitions, a ragged last tile, and partitions that get one
     tile more than others."""
     B, Hkv, G, D = 2, 2, 2, 64
-    tile = block_n(D, F32)
+    tile = TRITON.decode_tile(D, F32)
     n = {"1": 1, "tile-1": tile - 1, "tile+1": tile + 1, "2tile-1": 2 * tile - 1, "2tile": 2 * tile,
          "2tile+1": 2 * tile + 1, "5tile+37": 5 * tile + 37}[length]
     capacity = n + int(torch.randint(1, 40, (1,), generator=gen))
     q, k, v = make_inputs(gen, B, Hkv, G, 1, D, [n] * B, capacity)  # spare capacity is NaN
     kv_len = n if len_as == "int" else torch.full((B,), n)
-    out = run_decode(q[:, :, 0], k, v, kv_len, num_partitions=parts)
+    out = run_decode(q[:, :, 0], k, v, kv_len, parts=parts)
     check(out, ref_attention(q, k, v, [n] * B)[:, :, 0], F32, f"n={n} parts={parts} capacity={capacity} seed={seed}")
-
-
-@pytest.mark.parametrize("dtype", [F32, F16, BF16])
-@pytest.mark.parametrize("D", [64, 128, 256])
-@pytest.mark.parametrize("G", [1, 3, 4, 8])
-def test_decode_gqa_head_dims_dtypes(G, D, dtype, gen, seed):
-    B, Hkv = 1, 2
-    tile = block_n(D, dtype)
-    n = int(torch.randint(1, 4 * tile, (1,), generator=gen))
-    q, k, v = make_inputs(gen, B, Hkv, G, 1, D, [n], n + 3, dtype=dtype)
-    out = run_decode(q[:, :, 0], k, v, n, num_partitions=3)  # up to four tiles over three partitions
-    check(out, ref_attention(q, k, v, [n])[:, :, 0], dtype, f"G={G} D={D} {dtype} n={n} seed={seed}")
 
 
 def test_decode_reduce_over_many_chunks_of_partitions(gen, seed):
     """More partitions than the reduce takes in one chunk, the last chunk holding a single partition, and
     the largest scores in the last ones."""
     B, Hkv, G, D = 1, 1, 3, 128
-    tile = block_n(D, F32)
+    tile = TRITON.decode_tile(D, F32)
     chunk = 8192 // D  # partitions per chunk of the reduce kernel
     n = (2 * chunk + 1) * tile - int(torch.randint(0, tile, (1,), generator=gen))
     q, k, v = make_inputs(gen, B, Hkv, G, 1, D, [n], n + 5, q_scale=2.0)
     k[:, :, n - 2 * tile:n] *= 3  # later maxima (in the last partitions: a tile each) force the running rescale
-    out = run_decode(q[:, :, 0], k, v, n, num_partitions=2 * chunk + 1)
+    out = run_decode(q[:, :, 0], k, v, n, parts=2 * chunk + 1)
     check(out, ref_attention(q, k, v, [n])[:, :, 0], F32, f"n={n} chunk={chunk} seed={seed}")
-
-
-@pytest.mark.parametrize("dtype", [F32, BF16])
-@pytest.mark.parametrize("softcap", [None, 5.0])
-@pytest.mark.parametrize("window", [1, 5, 131, 10_000])
-def test_decode_window_and_softcap(window, softcap, dtype, gen, seed):
-    B, Hkv, G, D = 2, 1, 4, 64
-    n = 130 + int(torch.randint(0, 200, (1,), generator=gen))
-    q, k, v = make_inputs(gen, B, Hkv, G, 1, D, [n] * B, n + 9, dtype=dtype, q_scale=4.0)  # scores reach the cap
-    scale = float(torch.empty(1).uniform_(0.05, 0.3, generator=gen))
-    out = run_decode(q[:, :, 0], k, v, n, scale=scale, window=window, softcap=softcap, num_partitions=3)
-    ref = ref_attention(q, k, v, [n] * B, scale=scale, window=window, softcap=softcap)[:, :, 0]
-    check(out, ref, dtype, f"window={window} softcap={softcap} {dtype} n={n} scale={scale} seed={seed}")
-
-
-@pytest.mark.parametrize("window", [None, 9])
-@pytest.mark.parametrize("fill", ["nan", "garbage"])
-def test_decode_per_row_lengths(window, fill, gen, seed):
-    """Rows of different lengths in one call: partitions past a short row's end are empty."""
-    B, Hkv, G, D = 4, 2, 3, 64
-    capacity = 300
-    lengths = torch.randperm(capacity, generator=gen)[:B] + 1
-    lengths[0] = 1
-    q, k, v = make_inputs(gen, B, Hkv, G, 1, D, lengths.tolist(), capacity,
-                          fill=float("nan") if fill == "nan" else fill)
-    ref = ref_attention(q, k, v, lengths.tolist(), window=window)[:, :, 0]
-    for kv_len in (lengths, lengths.to(torch.int32)):
-        out = run_decode(q[:, :, 0], k, v, kv_len, window=window, num_partitions=4)
-        check(out, ref, F32, f"lengths={kv_len.tolist()} {kv_len.dtype} window={window} seed={seed}")
 
 
 @pytest.mark.parametrize("n", [1, 100, 1000])
@@ -194,16 +105,6 @@ def test_decode_long_context(dtype, window, gen, seed):
 # ---------------------------------------------------------------- prefill
 
 
-@pytest.mark.parametrize("window", [None, 1, 37])
-@pytest.mark.parametrize("Lq,past", [(2, 0), (7, 300), (63, 1), (65, 0), (130, 77)])
-def test_prefill_bottom_right_causal_with_past(Lq, past, window, gen, seed):
-    B, Hkv, G, D = 2, 2, 2, 64
-    n = Lq + past
-    q, k, v = make_inputs(gen, B, Hkv, G, Lq, D, [n] * B, n + 11)  # NaN spare capacity
-    out = run_prefill(q, k, v, n, window=window)
-    check(out, ref_attention(q, k, v, [n] * B, window=window), F32, f"Lq={Lq} past={past} window={window} seed={seed}")
-
-
 @pytest.mark.parametrize("edge", [-2, -1, 0, 1])
 @pytest.mark.parametrize("blocks", [1, 2])
 def test_prefill_causal_diagonal_on_tile_edges(edge, blocks, gen, seed):
@@ -232,72 +133,13 @@ def test_prefill_window_edge_on_tile_edges(edge, gen, seed):
           f"n={n} window={window} seed={seed}")
 
 
-@pytest.mark.parametrize("dtype", [F32, F16, BF16])
-@pytest.mark.parametrize("D", [64, 128, 256])
-@pytest.mark.parametrize("G", [1, 3, 4, 8])
-def test_prefill_gqa_head_dims_dtypes(G, D, dtype, gen, seed):
-    B, Hkv = 1, 1
-    Lq = int(torch.randint(2, 80, (1,), generator=gen))
-    n = Lq + int(torch.randint(0, 150, (1,), generator=gen))
-    q, k, v = make_inputs(gen, B, Hkv, G, Lq, D, [n], n + 2, dtype=dtype)
-    check(run_prefill(q, k, v, n), ref_attention(q, k, v, [n]), dtype, f"G={G} D={D} {dtype} Lq={Lq} n={n} seed={seed}")
-
-
-@pytest.mark.parametrize("dtype", [F32, BF16])
-@pytest.mark.parametrize("window,softcap", [(None, 4.0), (20, 4.0), (70, None)])
-def test_prefill_window_and_softcap(window, softcap, dtype, gen, seed):
-    B, Hkv, G, D = 1, 2, 2, 64
-    Lq = int(torch.randint(30, 140, (1,), generator=gen))
-    n = Lq + int(torch.randint(0, 200, (1,), generator=gen))
-    q, k, v = make_inputs(gen, B, Hkv, G, Lq, D, [n], n + 5, dtype=dtype, q_scale=3.0)
-    scale = float(torch.empty(1).uniform_(0.05, 0.3, generator=gen))
-    out = run_prefill(q, k, v, n, scale=scale, window=window, softcap=softcap)
-    ref = ref_attention(q, k, v, [n], scale=scale, window=window, softcap=softcap)
-    check(out, ref, dtype, f"window={window} softcap={softcap} {dtype} Lq={Lq} n={n} scale={scale} seed={seed}")
-
-
-@pytest.mark.parametrize("window", [None, 5])
-def test_prefill_per_row_lengths(window, gen, seed):
-    B, Hkv, G, D, Lq = 3, 2, 2, 64, 6
-    lengths = [Lq, Lq + 150, Lq + 11]
-    q, k, v = make_inputs(gen, B, Hkv, G, Lq, D, lengths, Lq + 170, fill="garbage")
-    out = run_prefill(q, k, v, torch.tensor(lengths), window=window)
-    check(out, ref_attention(q, k, v, lengths, window=window), F32, f"lengths={lengths} window={window} seed={seed}")
-
-
-def test_prefill_strided_query(gen, seed):
-    """The model hands over q as a transposed view [B, L, H, D] -> [B, H, L, D]; no copy is needed."""
-    B, Hkv, G, D, Lq, past = 1, 2, 2, 64, 20, 30
-    n = Lq + past
-    _, k, v = make_inputs(gen, B, Hkv, G, Lq, D, [n], n)
-    q = torch.randn(B, Lq, Hkv * G, D, generator=gen).transpose(1, 2)
-    check(run_prefill(q, k, v, n), ref_attention(q, k, v, [n]), F32, f"seed={seed}")
-    check(run_decode(q[:, :, -1], k, v, n), ref_attention(q[:, :, -1:], k, v, [n])[:, :, 0], F32, f"seed={seed}")
-
-
-@pytest.mark.parametrize("fn", ["decode", "prefill"])
-def test_unaligned_views(fn, gen, seed):
-    """q, K and V one element into their buffers (not 16-byte aligned): Triton's own launch path."""
-    B, Hkv, G, D, Lq = 1, 2, 2, 64, 5
-    n = 150
-    q, k, v = make_inputs(gen, B, Hkv, G, Lq, D, [n], n, dtype=F16)
-    bufs = [torch.empty(t.numel() + 1, dtype=F16) for t in (q, k, v)]
-    qv, kv, vv = (b[1:].view(t.shape).copy_(t) for b, t in zip(bufs, (q, k, v), strict=True))
-    if fn == "decode":
-        out = run_decode(qv[:, :, -1], kv, vv, n, num_partitions=2)
-        ref = ref_attention(q[:, :, -1:], k, v, [n])[:, :, 0]
-    else:
-        out, ref = run_prefill(qv, kv, vv, n), ref_attention(q, k, v, [n])
-    check(out, ref, F16, f"{fn} seed={seed}")
-
-
 def test_repeated_decode_calls(gen, seed):
     """Calls after the first of a layout skip Triton's argument binding on a GPU (decode.Launcher): each
     of several calls on fresh inputs must still be right."""
     B, Hkv, G, D, n = 2, 2, 4, 128, 700
     for i in range(3):
         q, k, v = make_inputs(gen, B, Hkv, G, 1, D, [n] * B, n + 8, dtype=BF16)
-        out = run_decode(q[:, :, 0], k, v, n - i, num_partitions=5)
+        out = run_decode(q[:, :, 0], k, v, n - i, parts=5)
         check(out, ref_attention(q, k, v, [n - i] * B)[:, :, 0], BF16, f"call {i} seed={seed}")
     if CUDA:
         assert decode._launch_partition.kernels and decode._launch_reduce.kernels, "the direct launch was never used"

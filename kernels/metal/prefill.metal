@@ -19,7 +19,7 @@ using namespace metal;
 
 #define BM BN           // rows per threadgroup: Q is staged in the tile's memory
 #define NSG (BM / 8)
-#define TILE (BN * D)   // no `*` in a threadgroup declaration: the emulation's rewrite skips those
+#define TILE (BN * D)   // floats of the shared tile
 #define NEG (-1e30f)    // finite: fast math may assume no infinities
 
 // c * tanh(x), from exp2 (finite under fast math; exp2 of -2|x| log2(e) cannot overflow).
