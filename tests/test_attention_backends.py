@@ -84,7 +84,7 @@ def load_triton() -> Backend:
 def load_metal() -> Backend:
     """The metal backend on CPU tensors (fachat.kernels.metal.emulate), or a skip when there is no compiler."""
     if (why := emulate.available()) is not None:
-        pytest.skip(f"no compiler for the Metal emulation: {why}", allow_module_level=True)
+        pytest.skip(why, allow_module_level=True)  # it names what is missing
     return Backend(metal.decode_attention, metal.prefill_attention, "num_parts", lambda D, dtype: metal.CHUNK, "cpu")
 
 
