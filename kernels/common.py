@@ -31,6 +31,16 @@ def output_for(q: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
     return out
 
 
+def kernel_layout(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor):
+    """q, K and V as the compiled kernels read them: unit stride along head_dim, and V with K's strides (the
+    engine's caches are already so; anything else is copied). The kernels take q's and K's strides."""
+    if q.stride(-1) != 1:
+        q = q.contiguous()
+    if k_cache.stride() != v_cache.stride() or k_cache.stride(-1) != 1:
+        k_cache, v_cache = k_cache.contiguous(), v_cache.contiguous()
+    return q, k_cache, v_cache
+
+
 def partitions(span: int, rows: int, units: int, tile: int, programs_per_unit: int, reduce_width: int) -> int:
     """How many partitions split-KV decode deals `span` live keys to, for `rows` (batch * KV heads) on a device
     of `units` parallel units (CUDA multiprocessors, GPU cores); the span's whole tiles of `tile` keys are dealt

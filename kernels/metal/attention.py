@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from fachat.kernels import reference
-from fachat.kernels.common import output_for, partitions, score_scales
+from fachat.kernels.common import kernel_layout, output_for, partitions, score_scales
 
 log = logging.getLogger(__name__)
 
@@ -75,15 +75,10 @@ def workspace(numel: int, device: torch.device) -> torch.Tensor:
 
 
 def layout(q, k_cache, v_cache):
-    """q, K and V as the kernels read them: unit stride along head_dim, V with K's strides (the engine's
-    caches are so; anything else is copied)."""
+    """common.kernel_layout, for one dtype: the kernels are specialised on q's."""
     if k_cache.dtype != q.dtype or v_cache.dtype != q.dtype:
         raise ValueError(f"q, k_cache and v_cache must share a dtype, got {q.dtype}, {k_cache.dtype}, {v_cache.dtype}")
-    if q.stride(-1) != 1:
-        q = q.contiguous()
-    if k_cache.stride() != v_cache.stride() or k_cache.stride(-1) != 1:
-        k_cache, v_cache = k_cache.contiguous(), v_cache.contiguous()
-    return q, k_cache, v_cache
+    return kernel_layout(q, k_cache, v_cache)
 
 
 def prefill_tile(head_dim: int) -> int:

@@ -29,7 +29,7 @@ from triton import knobs
 from triton.runtime import driver
 from triton.runtime.interpreter import InterpretedFunction
 
-from fachat.kernels.common import output_for, partitions, score_scales
+from fachat.kernels.common import kernel_layout, output_for, partitions, score_scales
 
 
 @dataclass(frozen=True)
@@ -263,19 +263,6 @@ def _decode_reduce(Out, Work, num_parts, D: tl.constexpr, BLOCK_P: tl.constexpr,
     tl.store(Out + row * D + tl.arange(0, D), (o_run / l_run).to(Out.dtype.element_ty))
 
 
-def kernel_layout(q, k_cache, v_cache):
-    """q, K and V as the kernels read them, with q's and K's strides: unit stride along head_dim, and V
-    with K's strides (the engine's caches are already so; anything else is copied)."""
-    q_strides, k_strides = q.stride(), k_cache.stride()
-    if q_strides[-1] != 1:
-        q = q.contiguous()
-        q_strides = q.stride()
-    if k_strides != v_cache.stride() or k_strides[-1] != 1:
-        k_cache, v_cache = k_cache.contiguous(), v_cache.contiguous()
-        k_strides = k_cache.stride()
-    return q, k_cache, v_cache, q_strides, k_strides
-
-
 _workspaces = threading.local()  # .buffers: (device, stream) -> this thread's partials buffer
 
 
@@ -342,7 +329,8 @@ def decode_attention(q, k_cache, v_cache, kv_len, *, scale=None, window=None, so
     Hkv = k_cache.shape[1]
     device, kv_dtype = q.device, k_cache.dtype
     cfg = cfg or config(D, kv_dtype)
-    q, k_cache, v_cache, q_strides, k_strides = kernel_layout(q, k_cache, v_cache)
+    q, k_cache, v_cache = kernel_layout(q, k_cache, v_cache)
+    q_strides, k_strides = q.stride(), k_cache.stride()
     per_row = not isinstance(kv_len, int)
     lens = kv_len.to(device=device, dtype=torch.int32) if per_row else q  # q: the unused lengths pointer
     if window is not None:

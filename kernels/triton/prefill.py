@@ -20,8 +20,8 @@ import torch
 import triton
 import triton.language as tl
 
-from fachat.kernels.common import output_for, score_scales
-from fachat.kernels.triton.decode import INTERPRET, Launcher, _dot, sm_count, _tanh, dot_args, kernel_layout
+from fachat.kernels.common import kernel_layout, output_for, score_scales
+from fachat.kernels.triton.decode import INTERPRET, Launcher, _dot, sm_count, _tanh, dot_args
 
 
 @dataclass(frozen=True)
@@ -195,7 +195,8 @@ def prefill_attention(q, k_cache, v_cache, kv_len, *, scale=None, window=None, s
     B, Hq, Lq, D = q.shape
     if not isinstance(kv_len, int) and B == 1:
         kv_len = int(kv_len)  # one row: its length as an int takes the fastest kernels (prefill is not captured)
-    q, k_cache, v_cache, q_strides, k_strides = kernel_layout(q, k_cache, v_cache)
+    q, k_cache, v_cache = kernel_layout(q, k_cache, v_cache)
+    q_strides, k_strides = q.stride(), k_cache.stride()
     if window is not None:
         window = min(window, k_cache.shape[2])  # no change in meaning; keeps it an int32 for the kernel
     out = output_for(q, out)
