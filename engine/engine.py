@@ -9,7 +9,7 @@ import torch
 
 from fachat.cache.kv_cache import InPlaceKVCache
 from fachat.engine.generate import Generation, TextStream
-from fachat.engine.runner import Runner, cuda_graphs_reason
+from fachat.engine.runner import Runner, cuda_graphs_reason, release_free_memory
 from fachat.engine.persistence import model_fingerprint
 from fachat.engine.session import Session
 from fachat.errors import ContextLengthError, CorruptModelError
@@ -75,6 +75,7 @@ class Engine:
         self.cuda_graphs, self.cuda_graphs_reason = cuda_graphs_reason(device, self.attention_backend)
         self._stream: TextStream | None = None  # generate's last, which shares self.runner
         self._check_finite_logits()
+        release_free_memory()  # the load's temporaries
 
     def _check_finite_logits(self) -> None:
         """One forward pass of one token, so that weights or config values which pass every other check but

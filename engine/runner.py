@@ -9,6 +9,8 @@ follows without reading the device.
 """
 from __future__ import annotations
 
+import ctypes
+import functools
 import os
 import time
 from dataclasses import dataclass
@@ -40,6 +42,22 @@ def cuda_graphs_reason(device: torch.device, attention_backend: str) -> tuple[bo
     if not BACKENDS[attention_backend].cuda_graphs:
         return False, f"the {attention_backend} attention backend reads lengths on the host"
     return True, f"CUDA, {attention_backend} attention"
+
+
+@functools.cache
+def _malloc_trim():
+    try:
+        return ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):  # not glibc (macOS, musl, Windows): no such call
+        return None
+
+
+def release_free_memory() -> None:
+    """Hands the C heap's free pages back to the OS. glibc keeps what a load or a prefill freed (many large
+    temporaries) and it counts as resident memory: 7 to 8 MiB of the 140 the embedded model added on CPU."""
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
 
 
 class Runner:
@@ -108,7 +126,10 @@ class Runner:
             self.positions.fill_(self.cache.length)
             outputs.append(logits[0])
         self.logits = logits[:, -1] if all_logits else logits
-        return torch.cat(outputs) if all_logits else outputs[-1]
+        outputs = torch.cat(outputs) if all_logits else outputs[-1]
+        if self.device.type == "cpu":  # its activations were host memory
+            release_free_memory()
+        return outputs
 
     def begin(self, params: SamplingParams, context: list[int]) -> None:
         """Sets the sampling for the next tokens; `context` (the tokens so far) counts for the repetition penalty."""

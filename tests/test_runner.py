@@ -3,6 +3,8 @@ behind the device (as on CUDA) (the device sampler's distributions are in test_e
 stops found a step late, Ctrl-C between steps, the RNG and the cache left as an unpipelined run leaves them."""
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -137,3 +139,22 @@ def test_ctrl_c_between_steps_leaves_the_cache_consistent(eng, pipelined, gen, s
     twin.unfreeze(session.freeze())
     text = words(gen)
     assert session.chat(text).tokens == twin.chat(text).tokens, label
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+@pytest.mark.skipif(runner_module._malloc_trim() is None or not os.path.exists("/proc/self/statm"),
+                    reason="needs glibc's malloc_trim and /proc (Linux); elsewhere release_free_memory does nothing")
+def test_release_free_memory_returns_the_heap_a_load_or_prefill_freed():
+    # Blocks below glibc's mmap threshold come from the heap; with one kept at the end, free() alone returns
+    # none of the 48 MB below it to the OS.
+    blocks = [torch.ones(16 * 1024) for _ in range(768)]  # 64 KB each, touched
+    kept = blocks[-1]
+    del blocks
+    before = _rss_bytes()
+    runner_module.release_free_memory()
+    assert before - _rss_bytes() > 32 * 2**20
+    assert float(kept.sum()) == kept.numel()
