@@ -7,7 +7,7 @@ the shapes of SmolLM2-135M and Llama-3.2-1B.
 GPU µs per call from CUDA graphs of many calls, each on another of several weight sets so that L2 never holds the
 set a call reads, as in a decode step, whose weights are read once (benchmarks/attention.py's gpu_us). GB/s counts
 the weights read, and "of copy" relates that to the device-to-device copy bandwidth measured in the same run.
---sweep times each fused kernel over rows a program (BLOCK_R) and weights a step (BLOCK_R * BLOCK_K). --weights int4
+--sweep times each fused kernel over rows a program (BLOCK_R) and weights a step (sweep_blocks). --weights int4
 runs the fused kernels on int4 layers (fachat.models.quant.Int4Linear, groups of 32), against the same bf16 cuBLAS
 path. Prints a table; writes JSON.
 """
@@ -37,7 +37,7 @@ metas = []  # --sweep's caches of launch arguments, alive for good
 
 
 def cases(model: str, int4: bool) -> dict:
-    """name -> (weights, sets) where sets builds one set of inputs and returns (fused call, unfused call)."""
+    """name -> (weights, K, sets) where sets builds one set of inputs and returns (fused call, unfused call)."""
     hidden, inter, hq, hkv, d, vocab = SHAPES[model]
     dev = "cuda"
 
@@ -85,13 +85,23 @@ def cases(model: str, int4: bool) -> dict:
 
     sizes = {"qkv": (hq + 2 * hkv) * d * hidden, "o_proj": hidden * hq * d, "gate_up": 2 * inter * hidden,
              "down": hidden * inter, "lm_head": vocab * hidden}
+    ks = {"qkv": hidden, "o_proj": hq * d, "gate_up": hidden, "down": inter, "lm_head": hidden}
     makers = {"qkv": qkv, "o_proj": o_proj, "gate_up": gate_up, "down": down, "lm_head": lm_head}
-    return {name: (sizes[name], makers[name]) for name in makers}
+    return {name: (sizes[name], ks[name], makers[name]) for name in makers}
+
+
+def sweep_blocks(K: int, int4: bool) -> list[tuple[int, int]]:
+    """--sweep's (BLOCK_R, BLOCK_K): bf16 over rows a program and weights a step (BLOCK_R * BLOCK_K); int4 over rows
+    and the step's codes a row (a lane takes a group of 32 of them: the step sets the warps, fused._warps)."""
+    full = triton.next_power_of_2(K)
+    if int4:
+        return sorted({(r, min(k, full)) for r in (2, 4, 8, 16) for k in (1024, 2048, 4096, 8192)})
+    return sorted({(r, min(max(64, tile // r), full)) for r in (2, 4, 8, 16, 32) for tile in (4096, 8192)})
 
 
 def measure(model: str, sweep: bool, int4: bool, copy_gbs: float) -> list[dict]:
     rows = []
-    for name, (weights, make) in cases(model, int4).items():
+    for name, (weights, K, make) in cases(model, int4).items():
         # bytes read: int4 codes with a bf16 scale and zero a group; cuBLAS (unfused) reads bf16
         nbytes = {"fused": int(weights * (0.5 + 4 / GROUP if int4 else DTYPE.itemsize)),
                   "unfused": weights * DTYPE.itemsize}
@@ -100,17 +110,15 @@ def measure(model: str, sweep: bool, int4: bool, copy_gbs: float) -> list[dict]:
         per_graph = max(64, len(sets))
         if sweep:
             saved = fused.gemv_blocks, fused._linear_meta, fused._rope_linear_meta
-            for block_r in (2, 4, 8, 16, 32):
-                for tile in (4096, 8192, 16384, 32768) if int4 else (4096, 8192):  # weights a step
-                    block_k = max(64, tile // block_r)
-                    fused.gemv_blocks = lambda rows, K, int4, r=block_r, kk=block_k: (r, min(kk, triton.next_power_of_2(K)))
-                    # New caches of the launch arguments, the old ones kept: launchers key on the dicts' ids.
-                    metas.append((fused._linear_meta, fused._rope_linear_meta))
-                    fused._linear_meta = functools.cache(saved[1].__wrapped__)
-                    fused._rope_linear_meta = functools.cache(saved[2].__wrapped__)
-                    us = gpu_us({"x": [s[0] for s in sets]}, per_graph)["x"]
-                    rows.append(dict(model=model, op=name, impl=f"fused r{block_r} k{block_k}", us=us, int4=int4,
-                                     gbs=nbytes["fused"] / us / 1e3))
+            for block_r, block_k in sweep_blocks(K, int4):
+                fused.gemv_blocks = lambda rows, K, int4, r=block_r, kk=block_k: (r, kk)
+                # New caches of the launch arguments, the old ones kept: launchers key on the dicts' ids.
+                metas.append((fused._linear_meta, fused._rope_linear_meta))
+                fused._linear_meta = functools.cache(saved[1].__wrapped__)
+                fused._rope_linear_meta = functools.cache(saved[2].__wrapped__)
+                us = gpu_us({"x": [s[0] for s in sets]}, per_graph)["x"]
+                rows.append(dict(model=model, op=name, impl=f"fused r{block_r} k{block_k}", us=us, int4=int4,
+                                 gbs=nbytes["fused"] / us / 1e3))
             metas.append((fused._linear_meta, fused._rope_linear_meta))
             fused.gemv_blocks, fused._linear_meta, fused._rope_linear_meta = saved
         for impl, us in gpu_us(calls, per_graph).items():

@@ -130,10 +130,11 @@ class QuantLinear(nn.Module):
 class Int4Linear(QuantLinear):
     """Groupwise int4, weights (q - 8) * scale + zero with scale and zero in bfloat16, in one of two layouts:
     - CPU: torch's _weight_int4pack_mm_for_cpu, its packed codes and scales_and_zeros [K / GROUP, N, 2];
-    - portable (other devices; `portable`): codes two a byte, the even column's in the low nibble, `packed`
-      [N, K / 2], and scales_and_zeros [N, K / GROUP, 2], which the triton backend's projection kernels read
-      for a few rows (decode); this module's own forward (prefill, the reference backend) dequantizes the
-      weights to bfloat16 and multiplies with torch's matmul."""
+    - portable (other devices; `portable`): `packed` [N, 4, K / GROUP] int32 words of 8 codes, word j of group g
+      at [n, j, g] with column GROUP g + 8j + i in bits 4i to 4i + 3, and scales_and_zeros [N, K / GROUP, 2],
+      which the triton backend's projection kernels read for a few rows (decode: a lane takes a group, and the
+      lanes' loads of a word are contiguous); this module's own forward (prefill, the reference backend)
+      dequantizes the weights to bfloat16 and multiplies with torch's matmul."""
 
     def __init__(self, codes: Int4Codes, bias: torch.Tensor | None, device: torch.device,
                  portable: bool | None = None):
@@ -143,7 +144,10 @@ class Int4Linear(QuantLinear):
         q = codes.q.to(device)
         zero = codes.min + 8 * codes.scale
         if self.portable:
-            packed = q[:, 0::2] | (q[:, 1::2] << 4)
+            columns = q.reshape(N, K // GROUP, 4, 8).transpose(1, 2)  # [n, j, g, i]: column GROUP g + 8j + i
+            packed = columns[..., 0].to(torch.int32)
+            for i in range(1, 8):
+                packed |= columns[..., i].to(torch.int32) << 4 * i
             scales_and_zeros = torch.stack([codes.scale, zero], -1)
         else:
             packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32), 1)
@@ -154,7 +158,9 @@ class Int4Linear(QuantLinear):
     def _matmul(self, x):
         if not self.portable:
             return torch.ops.aten._weight_int4pack_mm_for_cpu(x, self.packed, GROUP, self.scales_and_zeros)
-        codes = torch.stack([self.packed & 15, self.packed >> 4], -1).view(self.out_features, -1, GROUP)
+        nibbles = self.packed.view(torch.uint8).unflatten(-1, (-1, 4))  # a word's bytes: codes 2b and 2b + 1
+        codes = torch.stack([nibbles & 15, nibbles >> 4], -1).flatten(-2)  # [N, 4, K / GROUP, 8], uint8
+        codes = codes.transpose(1, 2).reshape(self.out_features, -1, GROUP)
         scale, zero = self.scales_and_zeros.float().unbind(-1)
         weight = (codes.float() - 8) * scale[..., None] + zero[..., None]
         return F.linear(x, weight.view(self.out_features, self.in_features).to(KERNEL_DTYPE))
@@ -198,7 +204,8 @@ class Int8Embedding(nn.Module):
         self.register_buffer("scales", codes.scale.to(device, KERNEL_DTYPE))
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        return (self.weight_int8[ids].float() * self.scales[ids, None].float()).to(self.dtype)
+        # int8 times a scale of the output dtype: the exact product rounded once (3 kernels on CUDA, not 6)
+        return self.weight_int8[ids] * self.scales[ids, None].to(self.dtype)
 
     def as_linear(self) -> Int8Linear:
         layer = Int8Linear.__new__(Int8Linear)

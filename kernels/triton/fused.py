@@ -173,23 +173,25 @@ def _weights(W, rows, live, k0, K: tl.constexpr, BLOCK_K: tl.constexpr):
 
 @triton.jit
 def _codes(W, S, rows, live, k0, K: tl.constexpr, BLOCK_K: tl.constexpr):
-    """Columns k0:k0 + BLOCK_K of int4 rows as (words, scale, zero), each [BLOCK_R, BLOCK_K / 8]: W [N, K / 8]
-    holds int32 words of 8 codes (column 8j + i in bits 4i to 4i + 3 of word j), S [N, K / 32] each group's
-    bf16 scale (low half) and zero (high half); the weights are (q - 8) * scale + zero. Whole words and one
-    scale load a word: unpacking is then a shift and a mask a code."""
-    words = k0 // 8 + tl.arange(0, BLOCK_K // 8)
-    r = rows[:, None].to(tl.int64)
-    mask = live[:, None] & (words < K // 8)[None, :]
-    q = tl.load(W + r * (K // 8) + words[None, :], mask=mask, other=0)
-    sz = tl.load(S + r * (K // 32) + (words // 4)[None, :], mask=mask, other=0)
-    scale = (sz << 16).to(tl.float32, bitcast=True)  # a bf16's bits are a float32's high half
-    zero = (sz & -65536).to(tl.float32, bitcast=True)
-    return q, scale, zero
+    """Groups k0 / 32 to (k0 + BLOCK_K) / 32 of int4 rows (Int4Linear's portable layout) as (words 0 to 3 of each,
+    scale-zero), each [BLOCK_R, BLOCK_K / 32] of int32: W [N, 4, K / 32] holds word j of group g at [n, j, g], with
+    column 32g + 8j + i in bits 4i to 4i + 3; S [N, K / 32] each group's bf16 scale (low half) and zero (high half).
+    A program's lanes then read consecutive groups of a row in each load, and a lane all of a group."""
+    groups = k0 // 32 + tl.arange(0, BLOCK_K // 32)
+    mask = live[:, None] & (groups < K // 32)[None, :]
+    # Loads of one word a lane, not four: a lane's groups then match its x's in _dot_codes (no layout conversion).
+    at = tl.max_contiguous(rows[:, None].to(tl.int64) * (K // 32) + groups[None, :], [1, 1])
+    w = W + 3 * rows[:, None].to(tl.int64) * (K // 32) + at  # word 0 of group g of row n lies at 4 n K / 32 + g
+    q0 = tl.load(w, mask=mask, other=0)
+    q1 = tl.load(w + K // 32, mask=mask, other=0)
+    q2 = tl.load(w + 2 * (K // 32), mask=mask, other=0)
+    q3 = tl.load(w + 3 * (K // 32), mask=mask, other=0)
+    return q0, q1, q2, q3, tl.load(S + at, mask=mask, other=0)
 
 
 @triton.jit
 def _first(W, S, rows, live, K: tl.constexpr, BLOCK_K: tl.constexpr, INT4: tl.constexpr):
-    """The rows' first BLOCK_K columns of weights: a float tile, or int4 (words, scale, zero)."""
+    """The rows' first BLOCK_K columns of weights: a float tile, or int4 _codes."""
     if INT4:
         w = _codes(W, S, rows, live, 0, K, BLOCK_K)
     else:
@@ -210,20 +212,57 @@ def _input(X, NW, inv, cols, K: tl.constexpr, NORM: tl.constexpr):
 
 
 @triton.jit
+def _nibble(word, mask, place: tl.constexpr):
+    """(q - 8) * 16**place in fp32, q the code in word's bits 4 place to 4 place + 3, where word's bits 23 up are
+    those of 2**23 (0x4B000000) and mask keeps them and the code: an and, and an exact subtraction."""
+    return (word & mask).to(tl.float32, bitcast=True) - (8388608.0 + 8.0 * 16 ** place)
+
+
+@triton.jit
+def _dot_word(q, x, qx):
+    """qx plus the sum over a word's 8 columns of (q - 8) * x, [BLOCK_R, G]: q its words, x [G, 8] their columns'.
+    Nibbles 0 to 4, and 5 to 7 shifted down by 12, under the exponent of 2**23 are floats 2**23 + q * 16**p (p
+    the place); scaled by 16**-p (exact), x then multiplies them. An and, an add and an FMA a code: no shift, no
+    int-to-float conversion, which runs at a fraction of the FMA rate."""
+    i = tl.arange(0, 8)[None, :]
+    x0 = tl.sum(tl.where(i == 0, x, -0.0), 1)  # column i of the lane's own x: the adds of -0.0 fold away
+    x1 = tl.sum(tl.where(i == 1, x, -0.0), 1)
+    x2 = tl.sum(tl.where(i == 2, x, -0.0), 1)
+    x3 = tl.sum(tl.where(i == 3, x, -0.0), 1)
+    x4 = tl.sum(tl.where(i == 4, x, -0.0), 1)
+    x5 = tl.sum(tl.where(i == 5, x, -0.0), 1)
+    x6 = tl.sum(tl.where(i == 6, x, -0.0), 1)
+    x7 = tl.sum(tl.where(i == 7, x, -0.0), 1)
+    lo = (q & 0xFFFFF) | 0x4B000000
+    hi = (q.to(tl.uint32, bitcast=True) >> 12).to(tl.int32, bitcast=True) | 0x4B000000
+    qx += _nibble(lo, -8388593, 0) * x0[None, :]  # masks: 0xFF800000 and the nibble
+    qx += _nibble(lo, -8388368, 1) * (x1 * 0.0625)[None, :]
+    qx += _nibble(lo, -8384768, 2) * (x2 * 0.00390625)[None, :]
+    qx += _nibble(lo, -8327168, 3) * (x3 * 0.000244140625)[None, :]
+    qx += _nibble(lo, -7405568, 4) * (x4 * 1.52587890625e-05)[None, :]
+    qx += _nibble(hi, -8384768, 2) * (x5 * 0.00390625)[None, :]
+    qx += _nibble(hi, -8327168, 3) * (x6 * 0.000244140625)[None, :]
+    qx += _nibble(hi, -7405568, 4) * (x7 * 1.52587890625e-05)[None, :]
+    return qx
+
+
+@triton.jit
 def _dot_codes(X, NW, inv, codes, k0, K: tl.constexpr, BLOCK_K: tl.constexpr, NORM: tl.constexpr):
-    """Per word of _codes' (words, scale, zero): the sum over its 8 columns of weight times x, as
-    scale * sum((q - 8) x) + zero * sum(x), [BLOCK_R, BLOCK_K / 8] in fp32."""
-    q, scale, zero = codes
-    cols = k0 + 8 * tl.arange(0, BLOCK_K // 8)
-    qx = tl.zeros(q.shape, dtype=tl.float32)
-    xs = tl.zeros(cols.shape, dtype=tl.float32)
-    for i in tl.static_range(8):
-        x = _input(X, NW, inv, cols + i, K, NORM)
-        # A code or-ed into the mantissa of 2**23 (bits 0x4B000000) is the float 2**23 + code: exact, and cheaper
-        # than an int-to-float conversion, which runs at a fraction of the FMA rate.
-        code = (((q >> 4 * i) & 15) | 0x4B000000).to(tl.float32, bitcast=True) - 8388616.0  # q - 8
-        qx += code * x[None, :]
-        xs += x
+    """Per group of _codes' words: the sum over its 32 columns of weight times x (_input's x), as
+    scale * sum((q - 8) x) + zero * sum(x), [BLOCK_R, BLOCK_K / 32] in fp32."""
+    q0, q1, q2, q3, sz = codes
+    cols = k0 + 32 * tl.arange(0, BLOCK_K // 32)[:, None] + tl.arange(0, 8)[None, :]
+    x0 = _input(X, NW, inv, cols, K, NORM)
+    x1 = _input(X, NW, inv, cols + 8, K, NORM)
+    x2 = _input(X, NW, inv, cols + 16, K, NORM)
+    x3 = _input(X, NW, inv, cols + 24, K, NORM)
+    qx = _dot_word(q0, x0, tl.zeros(sz.shape, dtype=tl.float32))
+    qx = _dot_word(q1, x1, qx)
+    qx = _dot_word(q2, x2, qx)
+    qx = _dot_word(q3, x3, qx)
+    xs = tl.sum(x0 + x1 + x2 + x3, 1)
+    scale = (sz << 16).to(tl.float32, bitcast=True)  # a bf16's bits are a float32's high half
+    zero = (sz & -65536).to(tl.float32, bitcast=True)
     return scale * qx + zero * xs[None, :]
 
 
@@ -265,6 +304,14 @@ def _output(X, NW, W, S, w0, Bias, rows, live, inv, K: tl.constexpr, BLOCK_K: tl
 
 
 @triton.jit
+def _paired(first, n, apart, BLOCK_R: tl.constexpr):
+    """Rows first + r and first + r + apart for r < BLOCK_R, interleaved ([2 BLOCK_R]), and whether first + r < n.
+    With int4 weights a program takes both halves of a SiLU or RoPE in one tile: it reads and unpacks x once."""
+    r = tl.arange(0, 2 * BLOCK_R)
+    return first + r // 2 + r % 2 * apart, first + r // 2 < n
+
+
+@triton.jit
 def _linear(X, NW, W, S, Bias, R, Out, eps, stride_xm, stride_rm, N, K: tl.constexpr, BLOCK_R: tl.constexpr,
             BLOCK_K: tl.constexpr, NORM: tl.constexpr, BIAS: tl.constexpr, ADD: tl.constexpr, SILU: tl.constexpr,
             INT4: tl.constexpr, PDL: tl.constexpr):
@@ -273,15 +320,23 @@ def _linear(X, NW, W, S, Bias, R, Out, eps, stride_xm, stride_rm, N, K: tl.const
     m = tl.program_id(1).to(tl.int64)
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     live = rows < N
-    w0 = _start(W, S, rows, live, K, BLOCK_K, INT4, PDL)
+    PAIR: tl.constexpr = SILU and INT4
+    if PAIR:  # gate and up rows in one tile
+        tile, in_tile = _paired(tl.program_id(0) * BLOCK_R, N, N, BLOCK_R)
+    else:
+        tile, in_tile = rows, live
+    w0 = _start(W, S, tile, in_tile, K, BLOCK_K, INT4, PDL)
     X += m * stride_xm
     inv = 1.0
     if NORM:
         inv = _inv_rms(X, eps, K, BLOCK_K)
-    y = _output(X, NW, W, S, w0, Bias, rows, live, inv, K, BLOCK_K, NORM, BIAS, INT4)
+    y = _output(X, NW, W, S, w0, Bias, tile, in_tile, inv, K, BLOCK_K, NORM, BIAS, INT4)
     if SILU:
-        up = _output(X, NW, W, S, _first(W, S, rows + N, live, K, BLOCK_K, INT4), Bias, rows + N, live, inv, K,
-                     BLOCK_K, NORM, BIAS, INT4)
+        if PAIR:
+            y, up = tl.split(tl.reshape(y, (BLOCK_R, 2)))
+        else:
+            up = _output(X, NW, W, S, _first(W, S, rows + N, live, K, BLOCK_K, INT4), Bias, rows + N, live, inv, K,
+                         BLOCK_K, NORM, BIAS, INT4)
         y = y * tl.sigmoid(y) * up
     if ADD:
         y = y.to(Out.dtype.element_ty).to(tl.float32) + tl.load(R + m * stride_rm + rows, mask=live).to(tl.float32)
@@ -300,15 +355,24 @@ def _norm_rope_write(X, NW, W, S, Bias, Cos, Sin, Pos, K, V, Q, eps, stride_xm, 
     m = tl.program_id(1).to(tl.int64)
     per_head: tl.constexpr = D // 2 // BLOCK_R
     head = tl.program_id(0) // per_head  # the query heads, then the KV heads, then the V heads
-    half = (tl.program_id(0) % per_head) * BLOCK_R + tl.arange(0, BLOCK_R)
+    first = (tl.program_id(0) % per_head) * BLOCK_R
+    half = first + tl.arange(0, BLOCK_R)
     rows = head * D + half
     live = half < D // 2
-    w0 = _start(W, S, rows, live, HIDDEN, BLOCK_K, INT4, PDL)
+    if INT4:  # the two halves' rows in one tile
+        tile, in_tile = _paired(first, D // 2, D // 2, BLOCK_R)
+        tile += head * D
+    else:
+        tile, in_tile = rows, live
+    w0 = _start(W, S, tile, in_tile, HIDDEN, BLOCK_K, INT4, PDL)
     X += m * stride_xm
     inv = _inv_rms(X, eps, HIDDEN, BLOCK_K)
-    x1 = _output(X, NW, W, S, w0, Bias, rows, live, inv, HIDDEN, BLOCK_K, True, BIAS, INT4)
-    x2 = _output(X, NW, W, S, _first(W, S, rows + D // 2, live, HIDDEN, BLOCK_K, INT4), Bias, rows + D // 2, live,
-                 inv, HIDDEN, BLOCK_K, True, BIAS, INT4)
+    x1 = _output(X, NW, W, S, w0, Bias, tile, in_tile, inv, HIDDEN, BLOCK_K, True, BIAS, INT4)
+    if INT4:
+        x1, x2 = tl.split(tl.reshape(x1, (BLOCK_R, 2)))
+    else:
+        x2 = _output(X, NW, W, S, _first(W, S, rows + D // 2, live, HIDDEN, BLOCK_K, INT4), Bias, rows + D // 2,
+                     live, inv, HIDDEN, BLOCK_K, True, BIAS, INT4)
     b = m // L
     pos = tl.load(Pos + b * stride_pb + (m % L) * stride_pl).to(tl.int64)
     _store_head(x1, x2, head, m, b, pos, half, Cos, Sin, K, V, Q, stride_cos,
@@ -319,23 +383,29 @@ def gemv_blocks(rows: int, K: int, int4: bool) -> tuple[int, int]:
     """(BLOCK_R, BLOCK_K): output rows a program takes and the reduction's step. From benchmarks/projections.py
     --sweep on an H200 (bf16, SmolLM2-135M and Llama-3.2-1B shapes): many programs of two rows won, with up to
     8K weights a step (all of a row's at hidden sizes to 4096, loaded before the wait for the kernel ahead);
-    a vocabulary's or a wide MLP's rows went best four a program, 4K weights a step. Int4 weights (--weights int4,
-    and whole decode steps, which ranked the choices differently at SmolLM2's hidden size of 576): up to 8 rows a
-    program and 4K codes a step."""
+    a vocabulary's or a wide MLP's rows went best four a program, 4K weights a step. Int4 weights: up to 4K codes
+    a step, a lane taking a group of them in all the tile's rows (SiLU's and RoPE's two halves in one tile); eight
+    rows only for a vocabulary, as eight gave Llama-1B's gate/up too few programs (--weights int4 on the H200:
+    18.9 µs, against 15.2 for the previous kernel)."""
     if INTERPRET:  # it runs the programs one at a time: the fewest
         return 64, triton.next_power_of_2(K)
-    if int4:  # a program's unpacking and x are shared by its rows: more rows than bf16 takes
-        block_r = 8 if rows > 4096 or rows > 1024 and K >= 2048 else 4 if rows > 1024 else 2
-        return block_r, min(triton.next_power_of_2(K), 4096)
+    if int4:
+        return 8 if rows > 16384 else 4 if rows > 1024 else 2, min(triton.next_power_of_2(K), 4096)
     block_r = 2 if rows <= 4096 else 4
     return block_r, min(triton.next_power_of_2(K), (8192 if rows <= 4096 else 4096) // block_r)
+
+
+def _warps(block_k: int, int4: bool) -> int:
+    """Four warps; with int4 weights no more than a lane a group of a step, so that a lane holds the 8 columns of x
+    of each of its words whole (_dot_codes; with fewer groups than lanes the compiler splits them)."""
+    return max(1, min(4, block_k // 1024)) if int4 else 4
 
 
 @cache
 def _linear_meta(N: int, K: int, norm: bool, bias: bool, add: bool, silu: bool, int4: bool, pdl: bool) -> dict:
     block_r, block_k = gemv_blocks(N, K, int4)
     return dict(K=K, BLOCK_R=block_r, BLOCK_K=block_k, NORM=norm, BIAS=bias, ADD=add, SILU=silu, INT4=int4, PDL=pdl,
-                launch_pdl=pdl, num_warps=4)
+                launch_pdl=pdl, num_warps=_warps(block_k, int4))
 
 
 @cache
@@ -343,7 +413,7 @@ def _rope_linear_meta(hidden: int, n_heads: int, n_kv_heads: int, D: int, bias: 
                       ) -> dict:
     block_r, block_k = gemv_blocks((n_heads + 2 * n_kv_heads) * D // 2, hidden, int4)
     return dict(HIDDEN=hidden, HQ=n_heads, HKV=n_kv_heads, D=D, BLOCK_R=min(block_r, D // 2), BLOCK_K=block_k,
-                BIAS=bias, INT4=int4, PDL=pdl, launch_pdl=pdl, num_warps=4)
+                BIAS=bias, INT4=int4, PDL=pdl, launch_pdl=pdl, num_warps=_warps(block_k, int4))
 
 
 _launch_linear = Launcher(_linear)
@@ -359,7 +429,7 @@ def _rows(x):
 def _weight_args(linear) -> tuple[torch.Tensor, torch.Tensor, bool]:
     """(W, S, INT4) of the projection kernels: a float layer's weight, or an Int4Linear's codes and scales."""
     if isinstance(linear, Int4Linear):  # as _codes reads them
-        return linear.packed.view(torch.int32), linear.scales_and_zeros.view(torch.int32).squeeze(-1), True
+        return linear.packed, linear.scales_and_zeros.view(torch.int32).squeeze(-1), True
     weight = linear.weight.contiguous()
     return weight, weight, False
 
