@@ -101,6 +101,9 @@ def iter_gguf_tensors(path, config: dict, on_read: Callable[[str, tuple, str, np
     with _malformed_is_corrupt(path):
         header = _Header(path)
         own = _build_config(header)
+    # Its ~100k vocabulary strings die here, not among the model's objects made while tensors are read: Python
+    # could free none of the small-object arenas such neighbours pin (7 MiB of the embedded model's RSS).
+    header.metadata = None
     for t in {t.ggml_type: t for t in header.tensors}.values():
         _check_dequantizable(gguf, t, header.path)
     heads = {key: config.get(key) or own[key] for key in ("num_attention_heads", "num_key_value_heads")}
@@ -222,6 +225,10 @@ class _Tensor:
 
 # GGUF metadata scalar types -> struct codes (8 is string, 9 is array)
 _SCALARS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
+# Compiled here, not by struct's cache during a parse: those few long-lived objects, placed among the header's
+# ~100k short-lived strings, kept 5 to 6 MiB of Python's small-object arenas from being freed after a load.
+_U32, _U64, _U32_U64, _U64_U64 = (struct.Struct(f) for f in ("<I", "<Q", "<IQ", "<QQ"))
+_SCALAR_STRUCTS = {vtype: struct.Struct("<" + code) for vtype, code in _SCALARS.items()}
 
 
 class _Header:
@@ -253,7 +260,7 @@ class _Header:
         if self._buf[:4] != b"GGUF":
             raise CorruptModelError(f"{self.path}: not a GGUF file (bad magic {bytes(self._buf[:4])!r})")
         self._pos = 4
-        (version,) = self._unpack("<I")
+        (version,) = self._unpack(_U32)
         if version not in (2, 3):
             if version == 1 or struct.unpack(">I", struct.pack("<I", version))[0] in (2, 3):
                 raise UnsupportedModelError(
@@ -261,23 +268,23 @@ class _Header:
                     "reconvert with a current llama.cpp"
                 )
             raise CorruptModelError(f"{self.path}: not a GGUF file (unknown version {version})")
-        n_tensors, n_kv = self._unpack("<QQ")
+        n_tensors, n_kv = self._unpack(_U64_U64)
         if n_tensors > self.size or n_kv > self.size:  # each entry takes bytes, so these bound the loops
             raise CorruptModelError(f"{self.path}: corrupt GGUF header ({n_tensors} tensors, {n_kv} keys)")
         self.metadata = {}
         for _ in range(n_kv):
             key = self._string()
-            (vtype,) = self._unpack("<I")
+            (vtype,) = self._unpack(_U32)
             self.metadata[key] = self._value(vtype, key)
 
         raw = []
         for _ in range(n_tensors):
             name = self._string()
-            (n_dims,) = self._unpack("<I")
+            (n_dims,) = self._unpack(_U32)
             if not 1 <= n_dims <= 4:
                 raise CorruptModelError(f"{self.path}: tensor {name} has {n_dims} dimensions")
-            dims = self._unpack(f"<{n_dims}Q")
-            ggml_type, offset = self._unpack("<IQ")
+            dims = self._array("Q", n_dims)
+            ggml_type, offset = self._unpack(_U32_U64)
             raw.append((name, dims, ggml_type, offset))
 
         alignment = self.metadata.get("general.alignment", 32)
@@ -340,15 +347,22 @@ class _Header:
                 "bytes); the file is truncated or corrupt"
             )
 
-    def _unpack(self, fmt):
-        size = struct.calcsize(fmt)
-        self._need(size)
-        values = struct.unpack_from(fmt, self._buf, self._pos)
-        self._pos += size
+    def _unpack(self, fields: struct.Struct):
+        self._need(fields.size)
+        values = fields.unpack_from(self._buf, self._pos)
+        self._pos += fields.size
+        return values
+
+    def _array(self, code: str, count: int) -> list:
+        """count values of struct type code, as a list of Python numbers."""
+        dtype = np.dtype("<" + code)
+        self._need(count * dtype.itemsize)  # before allocating for a corrupt count
+        values = np.frombuffer(self._buf, dtype, count, self._pos).tolist()
+        self._pos += count * dtype.itemsize
         return values
 
     def _string(self):
-        (n,) = self._unpack("<Q")
+        (n,) = self._unpack(_U64)
         self._need(n)
         data = self._buf[self._pos : self._pos + n]
         self._pos += n
@@ -361,16 +375,15 @@ class _Header:
 
     def _value(self, vtype, key):
         if vtype in _SCALARS:
-            (value,) = self._unpack("<" + _SCALARS[vtype])
+            (value,) = self._unpack(_SCALAR_STRUCTS[vtype])
             # float32 values (rms eps 1e-5...) read back as their shortest decimal, as config.json has them
             return float(str(np.float32(value))) if vtype == 6 else value
         if vtype == 8:
             return self._string()
         if vtype == 9:
-            etype, count = self._unpack("<IQ")
+            etype, count = self._unpack(_U32_U64)
             if etype in _SCALARS:
-                self._need(count * struct.calcsize(_SCALARS[etype]))  # before building a huge format
-                return list(self._unpack(f"<{count}{_SCALARS[etype]}"))
+                return self._array(_SCALARS[etype], count)
             if etype == 8:
                 self._need(8 * count)  # every string has an 8-byte length, which bounds the loop
                 return [self._string() for _ in range(count)]
