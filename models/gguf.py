@@ -2,8 +2,9 @@
 the metadata, and weights dequantized to float32 under Hugging Face parameter names.
 
 The header is parsed here rather than with `gguf.GGUFReader`, which builds an object per vocabulary
-entry and takes seconds on a 49k-token vocabulary; the `gguf` package is used for its quantization
-tables and dequantization, imported lazily since not every machine has it.
+entry and takes seconds on a 49k-token vocabulary. The float types, Q4_0, Q4_1 and Q8_0 are read here too;
+the `gguf` package (its quantization tables and dequantizers) is imported only for a file with other types:
+it costs 3 MB resident, and not every machine has it.
 """
 
 from __future__ import annotations
@@ -40,7 +41,10 @@ SUPPORTED_ARCHITECTURES = {
 _PERMUTED_ARCHS = {"llama", "mistral"}
 SUPPORTED_TOKENIZERS = ("gpt2", "llama")
 
-_F32, _F16, _BF16 = 0, 1, 30
+_F32, _F16, _BF16, _Q4_0, _Q4_1, _Q8_0 = 0, 1, 30, 2, 3, 8
+# The ggml types read without the gguf package: id -> (name, values a block, bytes a block)
+_NATIVE_TYPES = {_F32: ("F32", 1, 4), _F16: ("F16", 1, 2), _BF16: ("BF16", 1, 2), _Q4_0: ("Q4_0", 32, 18),
+                 _Q4_1: ("Q4_1", 32, 20), _Q8_0: ("Q8_0", 32, 34)}
 _NORMAL, _UNKNOWN, _CONTROL, _USER_DEFINED = 1, 2, 3, 4
 
 _TOP_LEVEL = {
@@ -97,7 +101,6 @@ def iter_gguf_tensors(path, config: dict, on_read: Callable[[str, tuple, str, np
     quantize "int4" or "gguf" yields the blocks of Q4_0, Q4_1 and Q4_K tensors as their exact Int4Codes instead;
     "gguf" also yields every other quantized matrix as Int8Codes, requantized per row from its values
     (quantized_as says which type becomes what)."""
-    gguf = _import_gguf()
     with _malformed_is_corrupt(path):
         header = _Header(path)
         own = _build_config(header)
@@ -105,17 +108,17 @@ def iter_gguf_tensors(path, config: dict, on_read: Callable[[str, tuple, str, np
     # could free none of the small-object arenas such neighbours pin (7 MiB of the embedded model's RSS).
     header.metadata = None
     for t in {t.ggml_type: t for t in header.tensors}.values():
-        _check_dequantizable(gguf, t, header.path)
+        _check_dequantizable(t, header.path)
     heads = {key: config.get(key) or own[key] for key in ("num_attention_heads", "num_key_value_heads")}
-    return _iter_tensors(gguf, header, heads, on_read, quantize)
+    return _iter_tensors(header, heads, on_read, quantize)
 
 
-def _iter_tensors(gguf, header: "_Header", heads: dict, on_read, quantize) -> Iterator[tuple[str, torch.Tensor | Codes]]:
+def _iter_tensors(header: "_Header", heads: dict, on_read, quantize) -> Iterator[tuple[str, torch.Tensor | Codes]]:
     permuted = header.arch in _PERMUTED_ARCHS
     for t in header.tensors:
         # Read, not memory-mapped: a mapping's pages would stay resident (in RSS) until the last tensor is read.
         raw = np.fromfile(header.path, dtype=np.uint8, count=t.nbytes, offset=t.offset)
-        type_name = _type_name(gguf, t.ggml_type)
+        type_name = _type_name(t.ggml_type)
         if on_read is not None:
             on_read(t.name, t.shape, type_name, raw)
         name = _hf_name(t.name, header.path)
@@ -123,11 +126,11 @@ def _iter_tensors(gguf, header: "_Header", heads: dict, on_read, quantize) -> It
             continue
         kept = _kept_as(type_name, quantize) if len(t.shape) == 2 else None
         if kept == "int4":
-            tensor = _int4_codes(gguf, raw, t)
+            tensor = _int4_codes(raw, t)
         elif kept == "int8":
-            tensor = _requantized_int8(gguf, raw, t, header.path)
+            tensor = _requantized_int8(raw, t, header.path)
         else:
-            tensor = _dequantize(gguf, raw, t, header.path)
+            tensor = _dequantize(raw, t, header.path)
         for part, key in _PERMUTED_HEADS.items():
             if permuted and part in name:
                 unpermute = functools.partial(_unpermute, n_head=heads[key], name=t.name, path=header.path)
@@ -165,26 +168,26 @@ def quantized_as(type_name: str, quantize: str | None) -> str:
     return "float, dequantized" if type_name not in _FLOAT_TYPES else "float"
 
 
-def _requantized_int8(gguf, raw: np.ndarray, t: _Tensor, path: str) -> Codes:
+def _requantized_int8(raw: np.ndarray, t: _Tensor, path: str) -> Codes:
     """A quantized matrix's values as per-row int8, made in chunks of rows: the float32 values of a whole
     vocabulary's table need not exist at once."""
     rows, chunks = raw.reshape(t.shape[0], -1), []
     for i in range(0, len(rows), _CHUNK_ROWS):
         part = rows[i:i + _CHUNK_ROWS]
-        chunks.append(quantize_int8(_dequantize(gguf, part, _Tensor(t.name, (len(part), t.shape[1]), t.ggml_type,
+        chunks.append(quantize_int8(_dequantize(part, _Tensor(t.name, (len(part), t.shape[1]), t.ggml_type,
                                                                     0, part.nbytes), path)))
     return concat(chunks)
 
 
-def _int4_codes(gguf, raw: np.ndarray, t: _Tensor) -> Int4Codes:
+def _int4_codes(raw: np.ndarray, t: _Tensor) -> Int4Codes:
     """The codes of a Q4_0, Q4_1 or Q4_K matrix, whose values they give exactly as gguf's dequantizers do. A
     block's first 16 bytes hold its low nibbles in order, then the high nibbles (Q4_K: per 64 values)."""
     N, K = t.shape
-    name = _type_name(gguf, t.ggml_type)
+    name = _type_name(t.ggml_type)
     if name == "Q4_K":
         blocks = raw.reshape(N * K // 256, 144)
         d, dmin = (blocks[:, i:i + 2].view(np.float16).astype(np.float32) for i in (0, 2))
-        sc, mn = gguf.quants.Q4_K.get_scale_min(blocks[:, 4:16])
+        sc, mn = _import_gguf().quants.Q4_K.get_scale_min(blocks[:, 4:16])
         scale, low = d * sc.astype(np.float32), -(dmin * mn.astype(np.float32))
         qs = blocks[:, 16:].reshape(-1, 4, 1, 32)
     else:
@@ -256,7 +259,6 @@ class _Header:
         self._check_arch()
 
     def _parse(self):
-        gguf = _import_gguf()
         if self._buf[:4] != b"GGUF":
             raise CorruptModelError(f"{self.path}: not a GGUF file (bad magic {bytes(self._buf[:4])!r})")
         self._pos = 4
@@ -291,12 +293,9 @@ class _Header:
         if not isinstance(alignment, int) or alignment <= 0 or alignment & (alignment - 1):
             raise CorruptModelError(f"{self.path}: bad general.alignment {alignment!r}")
         data_start = -(-self._pos // alignment) * alignment
-        sizes = {int(k): v for k, v in gguf.GGML_QUANT_SIZES.items()}
         self.tensors = []
         for name, dims, ggml_type, offset in raw:
-            if ggml_type not in sizes:
-                raise UnsupportedModelError(f"{self.path}: tensor {name} has unknown ggml type {ggml_type}")
-            block, block_bytes = sizes[ggml_type]
+            block, block_bytes = _block(ggml_type, f"{self.path}: tensor {name}")
             if dims[0] % block:
                 raise CorruptModelError(
                     f"{self.path}: tensor {name} row length {dims[0]} is not a multiple of its block size {block}"
@@ -600,32 +599,54 @@ def _check_tensor_table(h: _Header, c: dict):
 # Tensors
 
 
-def _type_name(gguf, ggml_type: int) -> str:
+def _block(ggml_type: int, what: str) -> tuple[int, int]:
+    """(values, bytes) of a block of a ggml type; `what` names the tensor in the error for an unknown type."""
+    if ggml_type in _NATIVE_TYPES:
+        return _NATIVE_TYPES[ggml_type][1:]
+    gguf = _import_gguf()
     try:
-        return gguf.GGMLQuantizationType(ggml_type).name
+        return gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType(ggml_type)]
+    except (ValueError, KeyError):
+        raise UnsupportedModelError(f"{what} has unknown ggml type {ggml_type}") from None
+
+
+def _type_name(ggml_type: int) -> str:
+    if ggml_type in _NATIVE_TYPES:
+        return _NATIVE_TYPES[ggml_type][0]
+    try:
+        return _import_gguf().GGMLQuantizationType(ggml_type).name
     except ValueError:
         return str(ggml_type)
 
 
-def _check_dequantizable(gguf, t: _Tensor, path: str):
-    if t.ggml_type in (_F32, _F16, _BF16):
+def _check_dequantizable(t: _Tensor, path: str):
+    if t.ggml_type in _NATIVE_TYPES:
         return
+    gguf = _import_gguf()
     block_bytes = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType(t.ggml_type)][1]
     try:  # gguf-py has no list of what it can dequantize; one zero block tells
         gguf.quants.dequantize(np.zeros((1, block_bytes), np.uint8), gguf.GGMLQuantizationType(t.ggml_type))
     except NotImplementedError as e:
         raise UnsupportedModelError(
-            f"{path}: tensor {t.name} has type {_type_name(gguf, t.ggml_type)}, which cannot be dequantized"
+            f"{path}: tensor {t.name} has type {_type_name(t.ggml_type)}, which cannot be dequantized"
         ) from e
 
 
-def _dequantize(gguf, raw: np.ndarray, t: _Tensor, path: str) -> torch.Tensor:
+def _dequantize(raw: np.ndarray, t: _Tensor, path: str) -> torch.Tensor:
+    """Float32 values, computed as gguf's dequantizers compute them (bit for bit)."""
     if t.ggml_type == _F32:
         return torch.from_numpy(raw.view("<f4").reshape(t.shape).copy())
     if t.ggml_type == _F16:
         return torch.from_numpy(raw.view("<f2").reshape(t.shape).astype(np.float32))
     if t.ggml_type == _BF16:  # numpy has no bfloat16
         return torch.from_numpy(raw.copy()).view(torch.bfloat16).reshape(t.shape).float()
+    if t.ggml_type in (_Q4_0, _Q4_1):
+        return _int4_codes(raw, t).dequantize()
+    if t.ggml_type == _Q8_0:
+        blocks = raw.reshape(-1, 34)
+        scale = blocks[:, :2].view(np.float16).astype(np.float32)
+        return torch.from_numpy((blocks[:, 2:].view(np.int8).astype(np.float32) * scale).reshape(t.shape))
+    gguf = _import_gguf()
     qtype = gguf.GGMLQuantizationType(t.ggml_type)
     try:
         values = gguf.quants.dequantize(raw.reshape(*t.shape[:-1], -1), qtype)

@@ -696,11 +696,43 @@ def test_block_count_disagrees_with_the_tensors(tmp_path, rng, claimed):
         read_gguf(path)
 
 
-def test_gguf_package_missing(tmp_path, monkeypatch):
-    path = tmp_path / "any.gguf"
-    path.write_bytes(b"GGUF" + bytes(100))
-    monkeypatch.setitem(sys.modules, "gguf", None)  # import gguf now raises ImportError
-    from fachat.models.gguf import read_gguf as read
+@pytest.mark.parametrize("quantize", [None, "gguf"])
+def test_float_q4_and_q8_0_files_read_without_the_gguf_package(tmp_path, monkeypatch, rng, quantize):
+    """F32, F16, Q4_0, Q4_1 and Q8_0 are read without gguf-py, giving exactly the values its dequantizers give."""
+    import gguf
 
+    tokenizer = byte_level_tokenizer()
+    cfg = tiny_config(rng, len(tokenizer["tokens"]))
+    weights = util.random_weights(cfg, rng, bias=False, tied=False)
+    native = ["F32", "F16", "Q4_0", "Q4_1", "Q8_0"]
+    matrices = [n for n, w in weights.items() if w.ndim == 2]
+    types = dict(zip(rng.permutation(matrices).tolist(), native * len(matrices)))
+    path = tmp_path / "native.gguf"
+    stored = util.write_tiny_gguf(path, arch="qwen2", cfg=cfg, weights=weights, types=types, tokenizer=tokenizer,
+                                  rng=rng)  # qwen2: no row permutation between the file and the tensors
+    monkeypatch.setitem(sys.modules, "gguf", None)  # import gguf now raises ImportError
+    tensors = dict(iter_gguf_tensors(path, read_gguf(path).config, quantize=quantize))
+    monkeypatch.undo()
+    assert set(tensors) == set(weights)
+    for name, kind in types.items():
+        ggml_type, data = stored[name]
+        expected = gguf.quants.dequantize(data, ggml_type) if ggml_type is not None else data.astype(np.float32)
+        value = tensors[name]
+        if not isinstance(value, torch.Tensor):  # "gguf": Q4 as int4 codes, Q8_0 requantized to int8
+            assert kind in ("Q4_0", "Q4_1", "Q8_0"), kind
+            if kind == "Q8_0":
+                continue  # requantized: test_kept_blocks_are_the_dequantized_values bounds it
+            value = value.dequantize()
+        assert torch.equal(value, torch.from_numpy(np.ascontiguousarray(expected))), (name, kind)
+
+
+def test_other_types_need_the_gguf_package(tmp_path, monkeypatch, rng):
+    tokenizer = byte_level_tokenizer()
+    cfg = tiny_config(rng, len(tokenizer["tokens"]))
+    weights = util.random_weights(cfg, rng, bias=False, tied=False)
+    path = tmp_path / "q6k.gguf"
+    util.write_tiny_gguf(path, arch="llama", cfg=cfg, weights=weights, types={"model.layers.0.mlp.up_proj.weight": "Q6_K"},
+                         tokenizer=tokenizer, rng=rng)
+    monkeypatch.setitem(sys.modules, "gguf", None)
     with pytest.raises(UnsupportedModelError, match="pip install gguf"):
-        read(path)
+        read_gguf(path)
