@@ -9,6 +9,7 @@ import torch
 
 from fachat.cache.kv_cache import InPlaceKVCache
 from fachat.engine.generate import Generation, TextStream
+from fachat.engine.cpu_step import CpuStep, compile_step
 from fachat.engine.runner import Runner, cuda_graphs_reason, release_free_memory
 from fachat.engine.persistence import model_fingerprint
 from fachat.engine.session import Session
@@ -73,6 +74,8 @@ class Engine:
         self.attention_backend, self.attention_backend_reason = choose_backend(device, dtype, self.args.head_dim)
         self.model.attn = backend_module(self.attention_backend)
         self.cuda_graphs, self.cuda_graphs_reason = cuda_graphs_reason(device, self.attention_backend)
+        # The CPU decode step in TorchScript, where it applies (None: eager), and why.
+        self.cpu_step, self.cpu_step_reason = CpuStep.of(self.model, device)
         self._stream: TextStream | None = None  # generate's last, which shares self.runner
         self._check_finite_logits()
         release_free_memory()  # the load's temporaries
@@ -110,6 +113,7 @@ class Engine:
             raise ValueError(f"max_seq_len must be an int >= 2, got {max_seq_len!r}")
         dev = resolve_device(device)
         dt = resolve_dtype(dtype, dev)
+        compile_step(dev)
         return cls(load_model(model, dev, dt, quantize), dev, dt, max_seq_len)
 
     @functools.cached_property
@@ -127,7 +131,7 @@ class Engine:
 
     def new_runner(self) -> Runner:
         """A runner with a new cache and RNG: what a session decodes with."""
-        return Runner(self.model, self.new_cache(), graphs=self.cuda_graphs)
+        return Runner(self.model, self.new_cache(), graphs=self.cuda_graphs, cpu_step=self.cpu_step)
 
     @functools.cached_property
     def runner(self) -> Runner:

@@ -5,7 +5,8 @@ It holds the KV cache, per-row positions on the device, the RoPE table, the samp
 tokens seen, the RNG) and the captured graphs. A step feeds the last sampled token, which stays on the
 device, and samples the next; the host reads tokens from a small ring of pinned buffers, one step behind
 where the device runs ahead (see generate.generate_step). The host's own bookkeeping (the cache's length)
-follows without reading the device.
+follows without reading the device. On the CPU a step runs the model's decode step in TorchScript (cpu_step),
+its counterpart of a graph.
 """
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from fachat.cache.kv_cache import InPlaceKVCache
+from fachat.engine.cpu_step import CpuStep
 from fachat.engine.sampling import Sampler, SamplingParams, new_generator
 from fachat.kernels.dispatch import BACKENDS
 
@@ -62,12 +64,14 @@ def release_free_memory() -> None:
 
 class Runner:
     def __init__(self, model, cache: InPlaceKVCache, generator: torch.Generator | None = None,
-                 graphs: bool = False):
+                 graphs: bool = False, cpu_step: CpuStep | None = None):
         """generator: the sampler's RNG (a new one with fresh entropy by default). graphs: capture the decode
-        step in CUDA graphs (see cuda_graphs_reason)."""
+        step in CUDA graphs (see cuda_graphs_reason). cpu_step: the model's decode step in TorchScript, for
+        one row (CpuStep.of)."""
         self.model, self.cache = model, cache
         self.device = device = model.inv_freq.device
         rows, vocab = cache.k[0].shape[0], model.args.vocab_size
+        self.decode_forward = cpu_step if cpu_step is not None and rows == 1 else model  # a decode step's model
         self.generator = generator if generator is not None else new_generator(device, None)
         self.positions = torch.full((rows,), cache.length, dtype=torch.long, device=device)  # next token goes here
         self.tokens = torch.zeros(rows, dtype=torch.long, device=device)  # the last sampled: the next step's input
@@ -174,7 +178,7 @@ class Runner:
 
     def _decode(self) -> None:
         """The decode step, on fixed buffers: what a graph captures."""
-        logits = self.model(self.tokens[:, None], self.positions, self.cache.k, self.cache.v, self._rope)
+        logits = self.decode_forward(self.tokens[:, None], self.positions, self.cache.k, self.cache.v, self._rope)
         self.tokens.copy_(self.sampler(logits))
         self.positions.add_(1)
 

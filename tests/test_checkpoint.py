@@ -25,6 +25,7 @@ from fachat.errors import CheckpointError
 from conftest import derive_seed
 from test_session import (MODES, InterruptAt, Logits, assert_cache_holds, assert_exact, randint, random_prompt,
                           words)
+from test_session import eager_decode  # noqa: F401 (an autouse fixture: this module's tests hook forwards too)
 from tiny import make_tiny_model
 
 

@@ -14,6 +14,7 @@ import torch
 import fachat
 from fachat.cache.kv_cache import InPlaceKVCache
 from fachat.engine.runner import Runner
+from fachat.engine import cpu_step
 from fachat.engine.sampling import Sampler
 from fachat.models.tokenizer import Tokenizer
 
@@ -25,6 +26,15 @@ WORDS = ["the", "quick", "fox", "jumps", "over", "lazy", "dog", "count:", "one",
 MODES = {"greedy": dict(temperature=0),
          "sampled": dict(temperature=1.0, top_k=40, top_p=0.95),
          "penalty": dict(temperature=0.8, min_p=0.05, repetition_penalty=1.4)}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def eager_decode():
+    """This module's tests watch each forward through module hooks (Logits, InterruptAt), which the CPU decode step
+    in TorchScript bypasses as CUDA graphs do: they decode eagerly (tests/test_cpu_step.py runs sessions on the step)."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv(cpu_step.SCRIPT_ENV, "0")
+        yield
 
 
 def words(gen, n=6) -> str:
