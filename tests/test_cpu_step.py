@@ -39,9 +39,10 @@ def _decode_both(engine: Engine, prompt: list[int], tokens: list[int]):
 
 
 @pytest.mark.parametrize("quantize", [None, "int4", "int8"])
-@pytest.mark.parametrize("variant", VARIANTS)
-def test_scripted_step_is_the_eager_model_bit_for_bit(tiny_models, variant, quantize, gen):
-    engine = Engine.load(tiny_models(variant)[0], device="cpu", dtype="float32", quantize=quantize)
+@pytest.mark.parametrize("variant,dtype", [(v, "float32") for v in VARIANTS] + [("qwen2", "bfloat16"),
+                                                                              ("llama", "float16")])
+def test_scripted_step_is_the_eager_model_bit_for_bit(tiny_models, variant, dtype, quantize, gen):
+    engine = Engine.load(tiny_models(variant)[0], device="cpu", dtype=dtype, quantize=quantize)
     assert engine.cpu_step is not None, engine.cpu_step_reason
     vocab = engine.args.vocab_size
     # past the cache's first capacity (256): the step runs on the grown buffers too
