@@ -11,7 +11,8 @@ clearing its eos ids, transformers by min_new_tokens, llama.cpp's generate never
 alternate between the engines, and each figure is the median of --repeats runs. Load s: the engine's load;
 RSS MB: the process's resident memory after the load and a warm-up, less before the load; KV MB: what fa-chat's
 KV cache held then (so "RSS - KV" is what the issue's memory target bounds: at most 1.3x the file); weights MB:
-what fa-chat's weights take (Engine.weight_bytes). Prints a table and writes JSON and a PNG to benchmarks/results/.
+what fa-chat's weights take (Engine.weight_bytes); decode step: whether fa-chat decoded in TorchScript or eagerly
+(FACHAT_CPU_SCRIPT=0), and why. Prints a table and writes JSON and a PNG to benchmarks/results/.
 """
 from __future__ import annotations
 
@@ -164,6 +165,8 @@ def main() -> None:
         return {"prefill_tok_s": prefill, "decode_tok_s": decode, "load_s": loads[name][0], "rss_MB": loads[name][1],
                 "kv_MB": loads[name][2],
                 "weights_MB": model.weight_bytes / 2**20 if isinstance(model, Engine) else None,
+                "decode_step": (("TorchScript" if model.cpu_step else "eager") + f" ({model.cpu_step_reason})"
+                                if isinstance(model, Engine) else None),
                 "runs": [{"prefill_tok_s": p, "decode_tok_s": d} for p, d in runs[name]]}
 
     result = {
@@ -185,6 +188,9 @@ def main() -> None:
             (f"{r['kv_MB']:.1f}", f"{(r['rss_MB'] - r['kv_MB']) / result['file_MB']:.2f}x")
         print(f"{name:21}{r['prefill_tok_s']:15.1f}{r['decode_tok_s']:14.1f}{r['load_s']:8.2f}{r['rss_MB']:8.0f}"
               f"{kv:>7}{of_file:>15}{weights:>12}{ratio:>32}")
+    for name, r in result["engines"].items():
+        if r["decode_step"]:
+            print(f"{name}: decode step {r['decode_step']}")
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(".tmp")
