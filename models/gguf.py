@@ -623,7 +623,7 @@ def _check_dequantizable(t: _Tensor, path: str):
     if t.ggml_type in _NATIVE_TYPES:
         return
     gguf = _import_gguf()
-    block_bytes = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType(t.ggml_type)][1]
+    block_bytes = _block(t.ggml_type, f"{path}: tensor {t.name}")[1]
     try:  # gguf-py has no list of what it can dequantize; one zero block tells
         gguf.quants.dequantize(np.zeros((1, block_bytes), np.uint8), gguf.GGMLQuantizationType(t.ggml_type))
     except NotImplementedError as e:
