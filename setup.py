@@ -17,5 +17,7 @@ def packages() -> list[str]:
     return sorted(found)
 
 
-# The Metal backend's kernel sources, and the header that builds them for the CPU in tests and emulation.
-setup(package_dir=ROOTS, packages=packages(), package_data={"fachat.kernels.metal": ["*.metal", "*.h"]})
+# The Metal backend's kernel sources, and the header that builds them for the CPU in tests and emulation; the
+# native CPU kernels' source, built where they run.
+setup(package_dir=ROOTS, packages=packages(),
+      package_data={"fachat.kernels.metal": ["*.metal", "*.h"], "fachat.kernels.cpu": ["*.cpp"]})

@@ -11,8 +11,9 @@ clearing its eos ids, transformers by min_new_tokens, llama.cpp's generate never
 alternate between the engines, and each figure is the median of --repeats runs. Load s: the engine's load;
 RSS MB: the process's resident memory after the load and a warm-up, less before the load; KV MB: what fa-chat's
 KV cache held then (so "RSS - KV" is what the issue's memory target bounds: at most 1.3x the file); weights MB:
-what fa-chat's weights take (Engine.weight_bytes); decode step: whether fa-chat decoded in TorchScript or eagerly
-(FACHAT_CPU_SCRIPT=0), and why. Prints a table and writes JSON and a PNG to benchmarks/results/.
+what fa-chat's weights take (Engine.weight_bytes); decode step: whether fa-chat decoded with the native op, in
+TorchScript (FACHAT_CPU_KERNELS=0) or eagerly (FACHAT_CPU_STEP=0), and why. Prints a table and writes JSON and
+a PNG to benchmarks/results/.
 """
 from __future__ import annotations
 
@@ -165,7 +166,7 @@ def main() -> None:
         return {"prefill_tok_s": prefill, "decode_tok_s": decode, "load_s": loads[name][0], "rss_MB": loads[name][1],
                 "kv_MB": loads[name][2],
                 "weights_MB": model.weight_bytes / 2**20 if isinstance(model, Engine) else None,
-                "decode_step": (("TorchScript" if model.cpu_step else "eager") + f" ({model.cpu_step_reason})"
+                "decode_step": ((model.cpu_step.runs if model.cpu_step else "eager") + f" ({model.cpu_step_reason})"
                                 if isinstance(model, Engine) else None),
                 "runs": [{"prefill_tok_s": p, "decode_tok_s": d} for p, d in runs[name]]}
 

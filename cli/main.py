@@ -343,7 +343,7 @@ def main(argv: list[str] | None = None) -> int:
                 console.notice(f"  GGUF {type_name} matrices: {stored_as}")
             console.notice(f"attention backend: {engine.attention_backend} ({engine.attention_backend_reason})")
             console.notice(f"CUDA graphs: {'on' if engine.cuda_graphs else 'off'} ({engine.cuda_graphs_reason})")
-            console.notice(f"CPU decode step in TorchScript: {'on' if engine.cpu_step else 'off'} "
+            console.notice(f"CPU decode step: {engine.cpu_step.runs if engine.cpu_step else 'eager'} "
                            f"({engine.cpu_step_reason})")
         if args.resume:
             session = engine.load_session(args.resume, args.convert_dtype)

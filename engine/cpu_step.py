@@ -1,13 +1,19 @@
-"""The CPU decode step in TorchScript: on the CPU, what CUDA graphs are on the GPU.
+"""The CPU decode step, one op or one compiled function: on the CPU, what CUDA graphs are on the GPU.
 
-A decode step is some 900 small ops, and from Python each costs more than its own work. TorchScript's interpreter
-runs them at a fraction of that host time: the embedded model decodes about 1.45x faster. The step computes
-the logits bit for bit as the eager model does with the reference backend (the same kernels on the same values,
-tests/test_cpu_step.py), over the model's own tensors (no copies): the model stays the definition, this is its
-decode step for one row and one position in TorchScript's subset. torch.compile is no substitute here: on this
-project's 2-core machine it compiled for minutes and then ran slower (benchmarks/README.md).
+A decode step is some 900 small ops, and from Python each costs more than its own work. Two forms of the model's
+decode step for one row and one position, over the model's own tensors (no copies), cut that:
+- native: torch.ops.fachat_cpu.decode_step (kernels/cpu), one C++ op that calls the same projection kernels and
+  does the rest in its own loops. Float32 activations only. The embedded model decodes about 1.9x faster than
+  eagerly. Its logits are the eager model's to float32 rounding where projections are float (quantized ones
+  round their inputs and outputs to bfloat16, so a rounding flipped by a last-bit difference shows further on):
+  tests/test_cpu_kernels.py.
+- TorchScript: _step below, where the native op is unavailable (no compiler, FACHAT_CPU_KERNELS=0, other
+  activation dtypes). The same ops on the same kernels as the eager model with the reference backend, so its
+  logits are the eager model's bit for bit (tests/test_cpu_step.py); about 1.45x faster than eagerly.
+torch.compile is no substitute: on this project's 2-core machine it compiled for minutes and then ran slower
+(benchmarks/README.md).
 
-Where it does not apply, the runner runs the eager model: FACHAT_CPU_SCRIPT=0, another device or attention backend,
+Where neither applies, the runner runs the eager model: FACHAT_CPU_STEP=0, another device or attention backend,
 sliding-window layers, a layer kind the step does not know, a runner of several rows, or a torch that cannot
 script it (TorchScript is deprecated and needs the package's .py sources).
 """
@@ -21,11 +27,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fachat.kernels import reference
+from fachat.kernels import cpu as native, reference
 from fachat.kernels.common import env_flag
 from fachat.models.quant import Int4Linear, Int8Embedding, Int8Linear
 
-SCRIPT_ENV = "FACHAT_CPU_SCRIPT"  # "0" runs the CPU decode step eagerly
+STEP_ENV = "FACHAT_CPU_STEP"  # "0" runs the CPU decode step eagerly
 # How a projection multiplies: its tensors (a, b) are (weight, weight), (packed, scales_and_zeros) or (int8, scales).
 FLOAT, INT4, INT8 = 0, 1, 2
 
@@ -101,15 +107,16 @@ def _scripted():
 def _unfit(device: torch.device) -> str | None:
     if device.type != "cpu":
         return f"the device is {device.type}"
-    if env_flag(SCRIPT_ENV) is False:
-        return f"{SCRIPT_ENV}=0"
+    if env_flag(STEP_ENV) is False:
+        return f"{STEP_ENV}=0"
     return None
 
 
-def compile_step(device: torch.device) -> None:
-    """Compiles the step ahead of a load onto `device` where it may run: the compiler's freed objects are then
-    reused by the load's, not left as holes among them (about 2 MB resident on the embedded model)."""
-    if _unfit(device) is None:
+def compile_step(device: torch.device, dtype: torch.dtype) -> None:
+    """Readies the step ahead of a load onto `device` in `dtype` where it may run: the native op (built on first
+    use), or else TorchScript's compiled function, whose freed objects are then reused by the load's, not left as
+    holes among them (about 2 MB resident on the embedded model)."""
+    if _unfit(device) is None and (dtype != torch.float32 or native.load() is not None):
         _scripted()
 
 
@@ -128,8 +135,9 @@ class CpuStep:
     """Called as the model is in a decode step, for one row: (tokens [1, 1], positions [1], k_cache, v_cache, rope)
     -> float32 logits [1, vocab]."""
 
-    def __init__(self, step, tensors: tuple, heads: tuple):
+    def __init__(self, step, runs: str, tensors: tuple, heads: tuple):
         self._step, self._tensors, self._heads = step, tensors, heads
+        self.runs = runs  # "native" (kernels/cpu) or "TorchScript"
 
     @classmethod
     def of(cls, model, device: torch.device) -> tuple["CpuStep | None", str]:
@@ -153,15 +161,18 @@ class CpuStep:
             tables = [embed.weight]
         else:
             return None, "an embedding that is neither nn.Embedding nor Int8Embedding"
-        step = _scripted()
-        if isinstance(step, str):
-            return None, step
         norms = [n.weight for layer in layers for n in (layer.input_layernorm, layer.post_attention_layernorm)]
         kinds, a, b, biases = (list(t) for t in zip(*projections))
         attention = layers[0].self_attn
         tensors = (tables, kinds, a, b, biases, [*norms, model.model.norm.weight], model.args.rms_norm_eps)
-        return cls(step, tensors, (attention.n_heads, attention.n_kv_heads, attention.scale)), \
-            "CPU, reference attention"
+        heads = (attention.n_heads, attention.n_kv_heads, attention.scale)
+        why_not_native = native.load() if norms[0].dtype == torch.float32 else f"activations in {norms[0].dtype}"
+        if why_not_native is None:
+            return cls(torch.ops.fachat_cpu.decode_step, "native", tensors, heads), "CPU, reference attention"
+        step = _scripted()
+        if isinstance(step, str):
+            return None, step
+        return cls(step, "TorchScript", tensors, heads), f"CPU, reference attention; not native: {why_not_native}"
 
     def __call__(self, tokens: torch.Tensor, positions: torch.Tensor, k_cache: list[torch.Tensor],
                  v_cache: list[torch.Tensor], rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:

@@ -74,7 +74,7 @@ class Engine:
         self.attention_backend, self.attention_backend_reason = choose_backend(device, dtype, self.args.head_dim)
         self.model.attn = backend_module(self.attention_backend)
         self.cuda_graphs, self.cuda_graphs_reason = cuda_graphs_reason(device, self.attention_backend)
-        # The CPU decode step in TorchScript, where it applies (None: eager), and why.
+        # The CPU decode step, native or in TorchScript, where one applies (None: eager), and why.
         self.cpu_step, self.cpu_step_reason = CpuStep.of(self.model, device)
         self._stream: TextStream | None = None  # generate's last, which shares self.runner
         self._check_finite_logits()
@@ -113,7 +113,7 @@ class Engine:
             raise ValueError(f"max_seq_len must be an int >= 2, got {max_seq_len!r}")
         dev = resolve_device(device)
         dt = resolve_dtype(dtype, dev)
-        compile_step(dev)
+        compile_step(dev, dt)
         return cls(load_model(model, dev, dt, quantize), dev, dt, max_seq_len)
 
     @functools.cached_property

@@ -5,8 +5,8 @@ It holds the KV cache, per-row positions on the device, the RoPE table, the samp
 tokens seen, the RNG) and the captured graphs. A step feeds the last sampled token, which stays on the
 device, and samples the next; the host reads tokens from a small ring of pinned buffers, one step behind
 where the device runs ahead (see generate.generate_step). The host's own bookkeeping (the cache's length)
-follows without reading the device. On the CPU a step runs the model's decode step in TorchScript (cpu_step),
-its counterpart of a graph.
+follows without reading the device. On the CPU a step runs the model's decode step as one native op or in
+TorchScript (cpu_step), its counterpart of a graph.
 """
 from __future__ import annotations
 
@@ -66,8 +66,8 @@ class Runner:
     def __init__(self, model, cache: InPlaceKVCache, generator: torch.Generator | None = None,
                  graphs: bool = False, cpu_step: CpuStep | None = None):
         """generator: the sampler's RNG (a new one with fresh entropy by default). graphs: capture the decode
-        step in CUDA graphs (see cuda_graphs_reason). cpu_step: the model's decode step in TorchScript, for
-        one row (CpuStep.of)."""
+        step in CUDA graphs (see cuda_graphs_reason). cpu_step: the model's decode step, native or in
+        TorchScript, for one row (CpuStep.of)."""
         self.model, self.cache = model, cache
         self.device = device = model.inv_freq.device
         rows, vocab = cache.k[0].shape[0], model.args.vocab_size

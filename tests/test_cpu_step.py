@@ -1,10 +1,7 @@
-"""The CPU decode step in TorchScript (engine/cpu_step.py): the eager model's logits bit for bit, across cache growth,
-transformers' within float32 rounding, and the eager model wherever the step does not apply."""
+"""The CPU decode step in TorchScript (engine/cpu_step.py), which runs where the native op does not (this module turns
+the native op off; tests/test_cpu_kernels.py tests it, and both against transformers): the eager model's logits bit
+for bit, across cache growth, and the eager model wherever the step does not apply."""
 from __future__ import annotations
-
-import json
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -12,19 +9,26 @@ import torch
 from fachat import Engine
 from fachat.engine import cpu_step
 from fachat.engine.runner import Runner
-from fachat.engine.sampling import SamplingParams
+from fachat.kernels import cpu as native
 
 # Tiny variants: GQA, MQA with tied embeddings, head_dim != hidden / heads, q/k/v biases (qwen2)
 VARIANTS = ["llama", "llama-tied-mqa", "llama-head-dim", "qwen2"]
 
 
-def _decode_both(engine: Engine, prompt: list[int], tokens: list[int]):
-    """Prefills `prompt` into two caches, then feeds `tokens` one at a time through the scripted step into one and
-    the eager model into the other; yields both logits [1, vocab] of each step."""
+@pytest.fixture(autouse=True)
+def torchscript(monkeypatch):
+    monkeypatch.setenv(native.KERNELS_ENV, "0")
+
+
+def decode_both(engine: Engine, prompt: list[int], tokens: list[int]):
+    """Prefills `prompt` into two caches, then feeds `tokens` one at a time through engine.cpu_step into one and the
+    eager model into the other. Returns each step's pair of logits [1, vocab] (the step's, the eager model's) and
+    the two caches."""
     model = engine.model
     caches = engine.new_cache(), engine.new_cache()
     for cache in caches:
         Runner(model, cache).prefill(prompt)
+    steps = []
     for token in tokens:
         logits = []
         for forward, cache in zip((engine.cpu_step, model), caches):
@@ -33,9 +37,8 @@ def _decode_both(engine: Engine, prompt: list[int], tokens: list[int]):
             with torch.inference_mode():
                 logits.append(forward(torch.tensor([[token]]), torch.tensor([cache.length]), cache.k, cache.v, rope))
             cache.advance(1)
-        yield logits
-    for a, b in zip(*(c.state for c in caches)):  # K/V written identically, at the same positions
-        assert all(torch.equal(x, y) for x, y in zip(a, b))
+        steps.append(logits)
+    return steps, caches
 
 
 @pytest.mark.parametrize("quantize", [None, "int4", "int8"])
@@ -43,40 +46,27 @@ def _decode_both(engine: Engine, prompt: list[int], tokens: list[int]):
                                                                               ("llama", "float16")])
 def test_scripted_step_is_the_eager_model_bit_for_bit(tiny_models, variant, dtype, quantize, gen):
     engine = Engine.load(tiny_models(variant)[0], device="cpu", dtype=dtype, quantize=quantize)
-    assert engine.cpu_step is not None, engine.cpu_step_reason
+    assert engine.cpu_step.runs == "TorchScript", engine.cpu_step_reason
     vocab = engine.args.vocab_size
     # past the cache's first capacity (256): the step runs on the grown buffers too
     prompt = torch.randint(0, vocab, (int(torch.randint(230, 250, (1,), generator=gen)),), generator=gen).tolist()
     tokens = torch.randint(0, vocab, (40,), generator=gen).tolist()
-    steps = 0
-    for scripted, eager in _decode_both(engine, prompt, tokens):
+    steps, caches = decode_both(engine, prompt, tokens)
+    for scripted, eager in steps:
         assert scripted.dtype == torch.float32 and scripted.shape == (1, vocab)
         assert torch.equal(scripted, eager)
-        steps += 1
-    assert steps == len(tokens)
-
-
-@pytest.mark.parametrize("variant", VARIANTS)
-def test_scripted_step_matches_transformers(tiny_models, variant, gen):
-    """Against an independent peer: the float32 logits of each step are transformers' of the whole sequence."""
-    path, peer = tiny_models(variant)
-    engine = Engine.load(path, device="cpu", dtype="float32")
-    vocab = engine.args.vocab_size
-    prompt = torch.randint(0, vocab, (int(torch.randint(3, 20, (1,), generator=gen)),), generator=gen).tolist()
-    tokens = torch.randint(0, vocab, (12,), generator=gen).tolist()
-    with torch.no_grad():
-        expected = peer(torch.tensor([prompt + tokens])).logits[0, len(prompt):]
-    for i, (scripted, _) in enumerate(_decode_both(engine, prompt, tokens)):
-        torch.testing.assert_close(scripted[0], expected[i], rtol=1e-4, atol=1e-4)
+    assert len(steps) == len(tokens)
+    for a, b in zip(*(c.state for c in caches)):  # K/V written identically, at the same positions
+        assert all(torch.equal(x, y) for x, y in zip(a, b))
 
 
 def test_sampled_answers_and_caches_match_the_eager_runner(tiny_models, gen, monkeypatch):
     """Through Engine.generate, sampled (seeded) across cache growth: the scripted and eager engines agree."""
     path = tiny_models("llama")[0]
     scripted = Engine.load(path, device="cpu", dtype="float32", quantize="int4")
-    monkeypatch.setenv(cpu_step.SCRIPT_ENV, "0")
+    monkeypatch.setenv(cpu_step.STEP_ENV, "0")
     eager = Engine.load(path, device="cpu", dtype="float32", quantize="int4")
-    assert (eager.cpu_step, eager.cpu_step_reason) == (None, f"{cpu_step.SCRIPT_ENV}=0")
+    assert (eager.cpu_step, eager.cpu_step_reason) == (None, f"{cpu_step.STEP_ENV}=0")
     assert scripted.runner.decode_forward is scripted.cpu_step and eager.runner.decode_forward is eager.model
     seed = int(torch.randint(0, 2**31, (1,), generator=gen))
     prompt = torch.randint(0, scripted.args.vocab_size, (20,), generator=gen).tolist()
@@ -94,8 +84,8 @@ def test_where_the_step_does_not_apply_the_model_runs_eagerly(tiny_models, monke
     windowed = Engine.load(tiny_models("mistral-window")[0], device="cpu", dtype="float32")
     assert (windowed.cpu_step, windowed.cpu_step_reason) == (None, "sliding-window layers")
     assert windowed.runner.decode_forward is windowed.model
-    monkeypatch.setenv(cpu_step.SCRIPT_ENV, "2")
-    with pytest.raises(ValueError, match=f"{cpu_step.SCRIPT_ENV} must be 0 or 1"):
+    monkeypatch.setenv(cpu_step.STEP_ENV, "2")
+    with pytest.raises(ValueError, match=f"{cpu_step.STEP_ENV} must be 0 or 1"):
         Engine.load(tiny_models("llama")[0], device="cpu", dtype="float32")
 
 
@@ -128,77 +118,3 @@ def test_a_runner_of_several_rows_runs_the_model(tiny_models):
     cache = InPlaceKVCache(a.num_hidden_layers, a.num_key_value_heads, a.head_dim, dtype=torch.float32, batch_size=2)
     assert Runner(engine.model, cache, cpu_step=engine.cpu_step).decode_forward is engine.model
     assert Runner(engine.model, engine.new_cache(), cpu_step=engine.cpu_step).decode_forward is engine.cpu_step
-
-
-CHILD = r"""
-import json, sys
-import torch
-import fachat
-
-torch.set_num_threads(1)  # as the parent (conftest): the same kernels, the same bits
-job = json.loads(sys.argv[1])
-engine = fachat.Engine.load(job["model"], device="cpu", dtype="float32", quantize=job["quantize"])
-assert engine.cpu_step is not None, engine.cpu_step_reason
-engine.tokenizer.eos_token_ids = []
-session = engine.load_session(job["path"])
-session.generate(max_new_tokens=job["rest"])
-print(json.dumps(session.tokens))
-"""
-
-
-@pytest.mark.parametrize("quantize", [None, "int4"])
-def test_a_session_interrupted_in_a_step_resumes_exactly_in_a_new_process(tiny_models, quantize, gen, seed, tmp_path,
-                                                                          monkeypatch):
-    """Ctrl-C as a scripted step returns (its K/V written, the cache not advanced), across cache growth: the session
-    stays consistent, and saved and continued in a new process it gives the uninterrupted run's tokens, which are
-    also the eager engine's."""
-    from test_session import assert_cache_holds
-
-    path = tiny_models("llama")[0]
-    engine = Engine.load(path, device="cpu", dtype="float32", quantize=quantize)
-    engine.tokenizer.eos_token_ids = []
-    n, params = 60, dict(temperature=0.9, top_p=0.9, seed=seed)
-    prompt = torch.randint(0, engine.args.vocab_size, (int(torch.randint(200, 240, (1,), generator=gen)),),
-                           generator=gen).tolist()
-    whole = engine.session(max_new_tokens=n, **params)
-    whole.append(prompt)
-    whole.generate()
-    k = int(torch.randint(1, n - 1, (1,), generator=gen))
-    part = engine.session(max_new_tokens=n, **params)
-    part.append(prompt)
-    real, calls = cpu_step.CpuStep.__call__, []
-
-    def interrupted(self, *args):
-        out = real(self, *args)
-        calls.append(1)
-        if len(calls) == k:
-            raise KeyboardInterrupt
-        return out
-
-    with monkeypatch.context() as patch, pytest.raises(KeyboardInterrupt):
-        patch.setattr(cpu_step.CpuStep, "__call__", interrupted)
-        part.generate()
-    label = f"k={k} quantize={quantize} seed={seed}"
-    if quantize is None:  # against a fresh prefill: float32 rounding apart (int4's bfloat16 activations: more)
-        assert_cache_holds(engine, part, label)
-    length = part.cache.length
-    assert len(part.tokens) - length in (0, 1), label
-    for layer in range(engine.args.num_hidden_layers):  # the uninterrupted run's K/V, bit for bit
-        for x, y in zip(part.cache.views(layer), whole.cache.views(layer)):
-            assert torch.equal(x, y[:, :, :length]), label
-    done = len(part.tokens) - len(prompt)
-    assert 0 < done < n and part.tokens == whole.tokens[: len(part.tokens)], label
-    file = tmp_path / "session.safetensors"
-    part.save(file)
-    job = {"model": str(path), "quantize": quantize, "path": str(file), "rest": n - done}
-    child = subprocess.run([sys.executable, "-c", CHILD, json.dumps(job)], capture_output=True, text=True, timeout=300)
-    assert child.returncode == 0, child.stderr
-    assert json.loads(child.stdout) == whole.tokens, label
-
-    monkeypatch.setenv(cpu_step.SCRIPT_ENV, "0")
-    eager = Engine.load(path, device="cpu", dtype="float32", quantize=quantize)
-    eager.tokenizer.eos_token_ids = []
-    reference = eager.session(max_new_tokens=n, **params)
-    reference.append(prompt)
-    reference.generate()
-    assert reference.tokens == whole.tokens, label

@@ -33,7 +33,7 @@ def eager_decode():
     """This module's tests watch each forward through module hooks (Logits, InterruptAt), which the CPU decode step
     in TorchScript bypasses as CUDA graphs do: they decode eagerly (tests/test_cpu_step.py runs sessions on the step)."""
     with pytest.MonkeyPatch.context() as patch:
-        patch.setenv(cpu_step.SCRIPT_ENV, "0")
+        patch.setenv(cpu_step.STEP_ENV, "0")
         yield
 
 
