@@ -36,7 +36,10 @@ def _command() -> list[str] | str:
         return f"no C++ compiler ({compiler}) on PATH"
     root = Path(torch.__file__).parent
     tuned = ["-march=native"] if platform.machine() in ("x86_64", "AMD64") else ["-mcpu=native"]
-    return [compiler, "-std=c++17", "-O3", *tuned, "-shared", "-fPIC", "-w",
+    # at::parallel_for is OpenMP pragmas in the header: without -fopenmp it runs serially. The library then uses
+    # torch's own libgomp (torch/lib, found first), not a second thread pool.
+    threads = ["-fopenmp"] if sys.platform.startswith("linux") else []
+    return [compiler, "-std=c++17", "-O3", *tuned, *threads, "-shared", "-fPIC", "-w",
             f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}",
             "-I", str(root / "include"), "-I", str(root / "include" / "torch" / "csrc" / "api" / "include"),
             "-L", str(root / "lib"), "-lc10", "-ltorch_cpu", f"-Wl,-rpath,{root / 'lib'}"]

@@ -96,33 +96,74 @@ void rope(float* x, const float* cos, const float* sin, int64_t D) {
   }
 }
 
-// Attention of the `group` query heads q [group, D] that read one KV head, k and v ([T, D] rows `row` apart),
-// into out [group, D]: scores into p [group, T], their softmax, then the weighted sum of V's rows.
+// Attention of the `group` query heads q [group, D] that read one KV head over its keys t0..t1-1 (k and v rows
+// `row` apart), unnormalised: the largest score `top` [group], the sum of exp(score - top) `total` [group], and
+// that sum of V's rows `acc` [group, D]. p [group, t1 - t0]: scratch for the scores.
 void attend(const float* __restrict q, const float* __restrict k, const float* __restrict v, int64_t row,
-            int64_t T, int64_t D, int64_t group, float scale, float* __restrict out, float* __restrict p) {
-  for (int64_t t = 0; t < T; ++t)
-    for (int64_t g = 0; g < group; ++g) p[g * T + t] = dot(q + g * D, k + t * row, D) * scale;
+            int64_t t0, int64_t t1, int64_t D, int64_t group, float scale, float* __restrict p,
+            float* __restrict top, float* __restrict total, float* __restrict acc) {
+  const int64_t n = t1 - t0;
+  for (int64_t t = 0; t < n; ++t)
+    for (int64_t g = 0; g < group; ++g) p[g * n + t] = dot(q + g * D, k + (t0 + t) * row, D) * scale;
   for (int64_t g = 0; g < group; ++g) {
-    float* s = p + g * T;
-    float top = -INFINITY;
-    for (int64_t t = 0; t < T; ++t) top = std::max(top, s[t]);
+    float* s = p + g * n;
+    float m = -INFINITY;
+    for (int64_t t = 0; t < n; ++t) m = std::max(m, s[t]);
     float part[LANES] = {};
     int64_t t = 0;
-    for (; t + LANES <= T; t += LANES)
-      for (int64_t j = 0; j < LANES; ++j) part[j] += s[t + j] = exp_fast(s[t + j] - top);
-    for (; t < T; ++t) part[0] += s[t] = exp_fast(s[t] - top);
-    const float inverse = 1.f / total16(part);
-    for (t = 0; t < T; ++t) s[t] *= inverse;
+    for (; t + LANES <= n; t += LANES)
+      for (int64_t j = 0; j < LANES; ++j) part[j] += s[t + j] = exp_fast(s[t + j] - m);
+    for (; t < n; ++t) part[0] += s[t] = exp_fast(s[t] - m);
+    top[g] = m;
+    total[g] = total16(part);
   }
-  std::fill(out, out + group * D, 0.f);
-  for (int64_t t = 0; t < T; ++t) {
-    const float* vt = v + t * row;
+  std::fill(acc, acc + group * D, 0.f);
+  for (int64_t t = 0; t < n; ++t) {
+    const float* vt = v + (t0 + t) * row;
     for (int64_t g = 0; g < group; ++g) {
-      const float w = p[g * T + t];
-      float* __restrict o = out + g * D;
+      const float w = p[g * n + t];
+      float* __restrict o = acc + g * D;
       for (int64_t d = 0; d < D; ++d) o[d] += w * vt[d];
     }
   }
+}
+
+// Attention of every query head over T keys, into out [n_heads, D]: each KV head's keys in chunks of CHUNK, a
+// task each (threads share them where the work is worth it), then per head the chunks' partial sums rescaled to
+// the largest score and normalised.
+void attention(const float* q, const float* k, const float* v, int64_t head, int64_t row, int64_t T, int64_t D,
+               int64_t n_kv_heads, int64_t group, float scale, float* out) {
+  constexpr int64_t CHUNK = 128;
+  const int64_t chunks = (T + CHUNK - 1) / CHUNK, tasks = n_kv_heads * chunks, width = group * (D + 2);
+  std::vector<float> parts(tasks * width);  // per task: top [group], total [group], acc [group, D]
+  const int64_t grain = T * D * group >= 8192 ? 1 : tasks;
+  at::parallel_for(0, tasks, grain, [&](int64_t first, int64_t last) {
+    std::vector<float> p(group * CHUNK);
+    for (int64_t task = first; task < last; ++task) {
+      const int64_t j = task / chunks, t0 = task % chunks * CHUNK;
+      float* part = parts.data() + task * width;
+      attend(q + j * group * D, k + j * head, v + j * head, row, t0, std::min(t0 + CHUNK, T), D, group, scale,
+             p.data(), part, part + group, part + 2 * group);
+    }
+  });
+  for (int64_t j = 0; j < n_kv_heads; ++j)
+    for (int64_t g = 0; g < group; ++g) {
+      const float* first = parts.data() + j * chunks * width;
+      float m = -INFINITY;
+      for (int64_t c = 0; c < chunks; ++c) m = std::max(m, first[c * width + g]);
+      float* o = out + (j * group + g) * D;
+      std::fill(o, o + D, 0.f);
+      float total = 0.f;
+      for (int64_t c = 0; c < chunks; ++c) {
+        const float* part = first + c * width;
+        const float w = exp_fast(part[g] - m);
+        total += w * part[group + g];
+        const float* acc = part + 2 * group + g * D;
+        for (int64_t d = 0; d < D; ++d) o[d] += w * acc[d];
+      }
+      const float inverse = 1.f / total;
+      for (int64_t d = 0; d < D; ++d) o[d] *= inverse;
+    }
 }
 
 Tensor decode_step(const Tensor& token, const Tensor& position, at::TensorList embed, at::IntArrayRef kinds,
@@ -158,15 +199,7 @@ Tensor decode_step(const Tensor& token, const Tensor& position, at::TensorList e
       std::copy(x + (n_heads + j) * D, x + (n_heads + j + 1) * D, kc + j * head + pos * row);
       std::copy(x + (turned + j) * D, x + (turned + j + 1) * D, vc + j * head + pos * row);
     }
-    // attention: a KV head's keys a task; one thread unless there is enough to share
-    float* out = o.data_ptr<float>();
-    const int64_t grain = T * D * group >= 8192 ? 1 : n_kv_heads;
-    at::parallel_for(0, n_kv_heads, grain, [&](int64_t first, int64_t last) {
-      std::vector<float> p(group * T);
-      for (int64_t j = first; j < last; ++j)
-        attend(x + j * group * D, kc + j * head, vc + j * head, row, T, D, group, float(scale), out + j * group * D,
-               p.data());
-    });
+    attention(x, kc, vc, head, row, T, D, n_kv_heads, group, float(scale), o.data_ptr<float>());
     Tensor y = project(o, kinds[p + 1], a[p + 1], b[p + 1], biases.get(p + 1));
     const float* yp = y.data_ptr<float>();
     for (int64_t j = 0; j < H; ++j) h[j] += yp[j];
