@@ -133,6 +133,12 @@ def test_a_failed_build_says_why_and_leaves_nothing_behind(native_op, fresh_buil
     assert list(fresh_build.iterdir()) == []  # no library, no half-written file, no build folder
 
 
+def test_an_unwritable_cache_says_why(native_op, fresh_build, tmp_path, monkeypatch):
+    (tmp_path / "cache").write_text("a file where the cache folder would be")
+    why = native.load()
+    assert why.startswith("building the native CPU kernels failed: ") and "cache" in why, why
+
+
 def test_the_built_library_is_cached_and_reused(native_op, capsys):
     libraries = list(native._cache_dir().glob("*.so"))
     assert libraries and not list(native._cache_dir().glob(".build-*"))

@@ -86,16 +86,16 @@ def _loaded() -> str | None:
 
 def _build(command: list[str], path: Path) -> str | None:
     """Compiles into a temporary folder and renames the library into `path`: the cache never holds half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=path.parent, prefix=".build-") as work:
-        part = Path(work) / path.name
-        try:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=path.parent, prefix=".build-") as work:
+            part = Path(work) / path.name
             done = subprocess.run([*command[:1], str(SOURCE), "-o", str(part), *command[1:]],
                                   capture_output=True, text=True, timeout=600)
-        except (OSError, subprocess.SubprocessError) as e:
-            return f"building the native CPU kernels failed: {e}"
-        if done.returncode:
-            error = next((line for line in done.stderr.splitlines() if "error" in line), done.stderr.strip()[:300])
-            return f"building the native CPU kernels failed ({command[0]}): {error}"
-        os.replace(part, path)
+            if done.returncode:
+                error = next((line for line in done.stderr.splitlines() if "error" in line), done.stderr.strip()[:300])
+                return f"building the native CPU kernels failed ({command[0]}): {error}"
+            os.replace(part, path)
+    except (OSError, subprocess.SubprocessError) as e:  # an unwritable cache, a compiler that hangs...
+        return f"building the native CPU kernels failed: {e}"
     return None
