@@ -82,6 +82,10 @@ def read_gguf(path) -> GGUFFile:
 
     Also checks that the tensor table is complete, shaped as the config says, and lies inside the file.
     """
+    import tokenizers  # noqa: F401  (before the header: see below)
+
+    # The metadata's 100k token and merge strings are freed once the tokenizer is built; a first import of
+    # tokenizers among them would pin their interpreter arenas with its modules (about 2 MB resident).
     with _malformed_is_corrupt(path):
         header = _Header(path)
         config = _build_config(header)
