@@ -35,7 +35,10 @@ def _command() -> list[str] | str:
     if shutil.which(compiler) is None:
         return f"no C++ compiler ({compiler}) on PATH"
     root = Path(torch.__file__).parent
-    tuned = ["-march=native"] if platform.machine() in ("x86_64", "AMD64") else ["-mcpu=native"]
+    if platform.machine() in ("x86_64", "AMD64"):
+        tuned = ["-march=native"]
+    else:  # Apple's clang may not take -mcpu=native; NEON is there anyway
+        tuned = ["-mcpu=native"] if sys.platform.startswith("linux") else []
     # at::parallel_for is OpenMP pragmas in the header: without -fopenmp it runs serially. The library then uses
     # torch's own libgomp (torch/lib, found first), not a second thread pool.
     threads = ["-fopenmp"] if sys.platform.startswith("linux") else []
