@@ -133,6 +133,16 @@ def test_a_failed_build_says_why_and_leaves_nothing_behind(native_op, fresh_buil
     assert list(fresh_build.iterdir()) == []  # no library, no half-written file, no build folder
 
 
+def test_a_build_interrupted_by_ctrl_c_leaves_nothing_behind(native_op, fresh_build, monkeypatch):
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(native.subprocess, "run", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        native.load()
+    assert list(fresh_build.iterdir()) == []
+
+
 def test_an_unwritable_cache_says_why(native_op, fresh_build, tmp_path, monkeypatch):
     (tmp_path / "cache").write_text("a file where the cache folder would be")
     why = native.load()
