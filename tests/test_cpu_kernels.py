@@ -28,12 +28,21 @@ def _scale(x: torch.Tensor) -> float:
     return float(x.abs().max())
 
 
+@pytest.fixture(params=[1, 2], ids=["1-thread", "2-threads"])
+def threads(request):
+    """torch's intra-op threads (the tests' default is 1): the native step's attention shares its tasks among them."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(request.param)
+    yield request.param
+    torch.set_num_threads(before)
+
+
 @pytest.mark.parametrize("variant", VARIANTS)
-def test_native_step_is_the_eager_model_to_float32_rounding(native_op, tiny_models, variant, gen):
+def test_native_step_is_the_eager_model_to_float32_rounding(native_op, tiny_models, variant, threads, gen):
     """Float projections: the two compute the same float32 math in other orders (sums, exp), so only rounding
-    parts them. The keys run past the cache's first capacity (256) and from one-thread attention into the threaded
-    path (a KV head a thread: from 8192 / (head_dim x query heads a KV head) keys on, 256 for the tiny llama);
-    the K/V written into the caches are compared too."""
+    parts them. The keys run past the cache's first capacity (256) and past attention's first chunk (128 keys),
+    and from one task a KV head into tasks shared among threads (from 8192 / (head_dim x query heads a KV head)
+    keys on, 256 for the tiny llama); the K/V written into the caches are compared too."""
     engine = Engine.load(tiny_models(variant)[0], device="cpu", dtype="float32")
     assert engine.cpu_step.runs == "native", engine.cpu_step_reason
     vocab = engine.args.vocab_size
