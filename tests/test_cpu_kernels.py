@@ -100,6 +100,22 @@ def test_quantized_native_step_is_the_eager_model_to_bfloat16_rounding(native_op
             assert int(step.argmax()) == int(eager.argmax()), f"step {i}"
 
 
+def test_the_op_refuses_a_token_or_position_it_cannot_compute(native_op, tiny_models):
+    engine = Engine.load(tiny_models("llama")[0], device="cpu", dtype="float32")
+    cache = engine.new_cache()
+    cache.reserve(1)
+    rope = engine.model.rope_table(cache.capacity, torch.float32)
+    before = [t.clone() for t in cache.k + cache.v]
+    with torch.inference_mode():
+        with pytest.raises(RuntimeError, match=f"token {engine.args.vocab_size} is outside the embedding"):
+            engine.cpu_step(torch.tensor([[engine.args.vocab_size]]), torch.tensor([0]), cache.k, cache.v, rope)
+        with pytest.raises(RuntimeError, match=f"position {cache.capacity} is outside the RoPE table"):
+            engine.cpu_step(torch.tensor([[1]]), torch.tensor([cache.capacity]), cache.k, cache.v, rope)
+        with pytest.raises(RuntimeError, match="caches must be float32"):
+            engine.cpu_step(torch.tensor([[1]]), torch.tensor([0]), [k.double() for k in cache.k], cache.v, rope)
+    assert all(torch.equal(x, y) for x, y in zip(before, cache.k + cache.v))  # nothing written
+
+
 def test_native_is_used_for_float32_activations_only_and_can_be_turned_off(native_op, tiny_models, monkeypatch):
     path = tiny_models("llama")[0]
     half = Engine.load(path, device="cpu", dtype="bfloat16")

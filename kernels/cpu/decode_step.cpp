@@ -173,6 +173,25 @@ Tensor decode_step(const Tensor& token, const Tensor& position, at::TensorList e
   const int64_t id = token.item<int64_t>(), pos = position.item<int64_t>(), T = pos + 1;
   const int64_t D = cos.size(-1), group = n_heads / n_kv_heads, turned = n_heads + n_kv_heads;
   const int64_t H = norms[0].size(0), layers = int64_t(k_cache.size());
+  // What the loops below take for granted (CpuStep passes nothing else): a bad call fails here, not in memory.
+  TORCH_CHECK(id >= 0 && id < embed[0].size(0), "decode_step: token ", id, " is outside the embedding");
+  TORCH_CHECK(pos >= 0 && pos < cos.size(0), "decode_step: position ", pos, " is outside the RoPE table");
+  TORCH_CHECK(cos.scalar_type() == at::kFloat && sin.scalar_type() == at::kFloat && cos.stride(1) == 1 &&
+              sin.stride(1) == 1, "decode_step: cos and sin must be float32 rows");
+  TORCH_CHECK(embed[0].stride(1) == 1 && (embed.size() == 1 ? embed[0].scalar_type() == at::kFloat
+                                                            : embed[0].scalar_type() == at::kChar),
+              "decode_step: the embedding must be float32 rows, or int8 rows with scales");
+  TORCH_CHECK(int64_t(v_cache.size()) == layers && int64_t(norms.size()) == 2 * layers + 1 &&
+              int64_t(kinds.size()) == 4 * layers + 1, "decode_step: layer counts disagree");
+  for (int64_t i = 0; i < layers; ++i) {
+    for (const Tensor& c : {k_cache[i], v_cache[i]})
+      TORCH_CHECK(c.scalar_type() == at::kFloat && c.stride(3) == 1 && c.size(1) == n_kv_heads &&
+                  c.size(3) == D && pos < c.size(2) && c.strides() == k_cache[i].strides(),
+                  "decode_step: layer ", i, "'s caches must be float32 [1, KV heads, capacity > position, D]");
+  }
+  for (const Tensor& n : norms)
+    TORCH_CHECK(n.scalar_type() == at::kFloat && n.is_contiguous() && n.size(0) == H,
+                "decode_step: norm weights must be float32 [hidden]");
   // The residual stream, float32: the embedding's row (an int8 row times its scale, or a float row).
   std::vector<float> h(H);
   if (embed.size() == 1) {
