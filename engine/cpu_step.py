@@ -169,6 +169,8 @@ class CpuStep:
         why_not_native = native.load() if norms[0].dtype == torch.float32 else f"activations in {norms[0].dtype}"
         if why_not_native is None:
             return cls(torch.ops.fachat_cpu.decode_step, "native", tensors, heads), "CPU, reference attention"
+        if env_flag(native.KERNELS_ENV):
+            raise ValueError(f"{native.KERNELS_ENV}=1, but the CPU decode step cannot run natively: {why_not_native}")
         step = _scripted()
         if isinstance(step, str):
             return None, step

@@ -125,6 +125,10 @@ def test_native_is_used_for_float32_activations_only_and_can_be_turned_off(nativ
     off = Engine.load(path, device="cpu", dtype="float32")
     assert off.cpu_step.runs == "TorchScript"
     assert off.cpu_step_reason == f"CPU, reference attention; not native: {native.KERNELS_ENV}=0"
+    monkeypatch.setenv(native.KERNELS_ENV, "1")  # required: a load that cannot have them fails, saying why
+    assert Engine.load(path, device="cpu", dtype="float32").cpu_step.runs == "native"
+    with pytest.raises(ValueError, match=f"{native.KERNELS_ENV}=1, but .* natively: activations in torch.bfloat16"):
+        Engine.load(path, device="cpu", dtype="bfloat16")
     monkeypatch.setenv(native.KERNELS_ENV, "yes")
     with pytest.raises(ValueError, match=f"{native.KERNELS_ENV} must be 0 or 1"):
         Engine.load(path, device="cpu", dtype="float32")

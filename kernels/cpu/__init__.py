@@ -3,7 +3,8 @@ machine's C++ compiler against the installed torch, as the Metal and Triton kern
 
 The build takes some 10 s once and is cached in ~/.cache/fa-chat/cpu-kernels under a key of the source, torch,
 the compiler and the CPU (it is built for this CPU's instruction set). load() says why the op is unavailable
-where it is: FACHAT_CPU_KERNELS=0, no compiler, a failed build. The engine then runs the TorchScript step.
+where it is: FACHAT_CPU_KERNELS=0, no compiler, a failed build. The engine then runs the TorchScript step
+(with FACHAT_CPU_KERNELS=1 its load fails instead, saying why).
 """
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ import torch
 
 from fachat.kernels.common import env_flag
 
-KERNELS_ENV = "FACHAT_CPU_KERNELS"  # "0": never build or load them
+KERNELS_ENV = "FACHAT_CPU_KERNELS"  # "0": never build or load them; "1": a CPU step that cannot use them fails
 SOURCE = Path(__file__).with_name("decode_step.cpp")
 
 
