@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import math
 import os
+from pathlib import Path
 
 import torch
 
@@ -54,6 +55,12 @@ def partitions(span: int, rows: int, units: int, tile: int, programs_per_unit: i
     most = max(1, programs_per_unit * units // rows)
     per_partition = -(-tiles // most)
     return -(-tiles // per_partition)
+
+
+def cache_dir(name: str) -> Path:
+    """The folder where kernels built on this machine are kept: fa-chat/`name` under $XDG_CACHE_HOME, else
+    ~/.cache."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "fa-chat" / name
 
 
 def env_flag(name: str) -> bool | None:

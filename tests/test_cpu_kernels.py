@@ -15,6 +15,7 @@ from test_cpu_step import VARIANTS, decode_both
 from fachat import Engine
 from fachat.engine import cpu_step
 from fachat.kernels import cpu as native
+from fachat.kernels.common import cache_dir
 
 
 @pytest.fixture(scope="module")
@@ -179,14 +180,14 @@ def test_an_unwritable_cache_says_why(native_op, fresh_build, tmp_path, monkeypa
 
 
 def test_the_built_library_is_cached_and_reused(native_op, capsys):
-    libraries = list(native._cache_dir().glob("*.so"))
-    assert libraries and not list(native._cache_dir().glob(".build-*"))
+    libraries = list(cache_dir(native.CACHE).glob("*.so"))
+    assert libraries and not list(cache_dir(native.CACHE).glob(".build-*"))
     mtimes = {p: p.stat().st_mtime_ns for p in libraries}
     native._loaded.cache_clear()
     capsys.readouterr()
     assert native.load() is None
     assert "building" not in capsys.readouterr().err
-    assert {p: p.stat().st_mtime_ns for p in native._cache_dir().glob("*.so")} == mtimes
+    assert {p: p.stat().st_mtime_ns for p in cache_dir(native.CACHE).glob("*.so")} == mtimes
 
 
 CHILD = r"""

@@ -20,14 +20,11 @@ from pathlib import Path
 
 import torch
 
-from fachat.kernels.common import env_flag
+from fachat.kernels.common import cache_dir, env_flag
 
 KERNELS_ENV = "FACHAT_CPU_KERNELS"  # "0": never build or load them; "1": a CPU step that cannot use them fails
 SOURCE = Path(__file__).with_name("decode_step.cpp")
-
-
-def _cache_dir() -> Path:
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "fa-chat" / "cpu-kernels"
+CACHE = "cpu-kernels"  # the cache folder (kernels.common.cache_dir)
 
 
 def _command() -> list[str] | str:
@@ -75,7 +72,7 @@ def _loaded() -> str | None:
         return command
     source = SOURCE.read_text()
     key = hashlib.sha256("\0".join([source, torch.__version__, *command, _cpu()]).encode()).hexdigest()[:32]
-    path = _cache_dir() / f"{key}.so"
+    path = cache_dir(CACHE) / f"{key}.so"
     if not path.exists():
         print("fa-chat: building the native CPU kernels (once, about 10 s)...", file=sys.stderr, flush=True)
         why = _build(command, path)

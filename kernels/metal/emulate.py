@@ -22,6 +22,8 @@ from pathlib import Path
 
 import torch
 
+from fachat.kernels.common import cache_dir
+
 HEADER = Path(__file__).with_name("msl_cpu.h")
 MAX_THREADS_PER_THREADGROUP = 1024
 SIMD_WIDTH = 32
@@ -197,10 +199,6 @@ def _entries(kernels: dict) -> str:
 
 # ---------------------------------------------------------------- building and loading
 
-def _cache_dir() -> Path:
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "fa-chat" / "metal-emulate"
-
-
 _build_lock = threading.Lock()
 _libraries: dict[str, "Library"] = {}
 
@@ -217,7 +215,7 @@ def compile_shader(source: str) -> "Library":
     key = hashlib.sha256("\0".join([unit, HEADER.read_text(), version, *command]).encode()).hexdigest()[:32]
     with _build_lock:
         if key not in _libraries:
-            path = _cache_dir() / f"{key}.so"
+            path = cache_dir("metal-emulate") / f"{key}.so"
             if not path.exists():
                 _build(command, unit, path)
             _libraries[key] = Library(ctypes.CDLL(str(path)), kernels)
